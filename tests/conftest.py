@@ -1,0 +1,193 @@
+"""Shared test helpers: a real chat server on a free port, and a chat client per user.
+
+pytest-tornado starts `chat.make_app(manager)` on a free port for every test that
+asks for `http_server` (the `chat_server` fixture does). Limits come from
+`@pytest.mark.limits(...)`, so a test can shrink a limit to make itself fast:
+
+    @pytest.mark.limits(max_message_chars=10)
+    @pytest.mark.gen_test
+    async def test_something(chat_server):
+        alice = await chat_server.join("alice")
+        await alice.say("hello")
+        assert (await alice.expect("message"))["text"] == "hello"
+
+Every wait has a short timeout, so a hang fails instead of stalling the suite.
+"""
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import tornado.websocket
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import chat  # noqa: E402  (the path above makes chat.py importable)
+
+WAIT_SECONDS = 5.0  # generous: waits end as soon as the event arrives
+
+
+def pytest_configure(config):
+    """Register the markers these tests use."""
+    config.addinivalue_line("markers", "limits(**fields): chat.Limits for this test's server")
+
+
+class ChatClient:
+    """One user's WebSocket connection, as a test sees it: send lines, read events."""
+
+    def __init__(self, ws: tornado.websocket.WebSocketClientConnection, username: str):
+        self.ws, self.username = ws, username
+        self.welcome: dict | None = None
+
+    async def say(self, line: str) -> None:
+        """Send one typed line (chat text or a /command)."""
+        await self.ws.write_message(line)
+
+    async def next_event(self, timeout: float = WAIT_SECONDS) -> dict | None:
+        """The next event from the server, or None once the connection has closed."""
+        frame = await asyncio.wait_for(self.ws.read_message(), timeout)
+        return None if frame is None else json.loads(frame)
+
+    async def expect(self, event_type: str, timeout: float = WAIT_SECONDS) -> dict:
+        """Read events until one of `event_type` arrives; fail if the connection closes first."""
+        seen = []
+        while True:
+            event = await self.next_event(timeout)
+            assert event is not None, f"{self.username}: closed while waiting for {event_type}; saw {seen}"
+            if event["type"] == event_type:
+                return event
+            seen.append(event)
+
+    async def events_until(self, event_type: str) -> list[dict]:
+        """Every event up to and including the next one of `event_type`."""
+        events = []
+        while not events or events[-1]["type"] != event_type:
+            event = await self.next_event()
+            assert event is not None, f"{self.username}: closed while waiting for {event_type}"
+            events.append(event)
+        return events
+
+    async def sync(self) -> list[dict]:
+        """Everything the server sent this user so far (a /rooms round trip marks the end).
+
+        The server handles one callback at a time and each connection's frames
+        stay in order, so anything queued for us before our /rooms arrives first.
+        """
+        await self.say("/rooms")
+        return (await self.events_until("rooms"))[:-1]
+
+    async def closed(self, timeout: float = WAIT_SECONDS) -> tuple[int | None, str | None]:
+        """Read until the server closes the connection; returns (close code, reason)."""
+        while await self.next_event(timeout) is not None:
+            pass
+        return self.ws.close_code, self.ws.close_reason
+
+    def drop(self) -> None:
+        """Vanish without a close frame, as a crashed laptop or a pulled cable would."""
+        self.ws.protocol.stream.close()
+
+    def quit(self) -> None:
+        """Leave politely, with a close frame."""
+        self.ws.close(1000, "bye")
+
+
+class ChatServer:
+    """The server under test: its address, its room manager, and ways to connect."""
+
+    def __init__(self, port: int, manager: chat.RoomManager):
+        self.port, self.manager = port, manager
+
+    def url(self, username: str | None = None, token: str | None = None) -> str:
+        """The WebSocket URL, with whatever query a test wants."""
+        query = "&".join(f"{key}={value}" for key, value in
+                         (("username", username), ("token", token)) if value is not None)
+        return f"ws://127.0.0.1:{self.port}/ws" + (f"?{query}" if query else "")
+
+    async def connect(self, username: str | None, token: str | None = None) -> ChatClient:
+        """Open a WebSocket as `username`; nothing is read yet."""
+        ws = await tornado.websocket.websocket_connect(self.url(username, token))
+        return ChatClient(ws, username or "")
+
+    async def join(self, username: str, token: str | None = None) -> ChatClient:
+        """Connect and read the welcome and the lobby's `joined`: the user is in."""
+        client = await self.connect(username, token)
+        client.welcome = await client.expect("welcome")
+        await client.expect("joined")
+        return client
+
+
+@pytest.fixture
+def limits(request) -> chat.Limits:
+    """The server's limits: the defaults, changed by a `limits` marker."""
+    marker = request.node.get_closest_marker("limits")
+    return chat.Limits(**(marker.kwargs if marker else {}))
+
+
+@pytest.fixture
+def manager(limits) -> chat.RoomManager:
+    """The room manager behind the server under test."""
+    return chat.RoomManager(limits)
+
+
+@pytest.fixture
+def app(manager):
+    """The Tornado application pytest-tornado serves on `http_port`."""
+    return chat.make_app(manager)
+
+
+@pytest.fixture
+def chat_server(http_server, http_port, manager) -> ChatServer:
+    """A real chat server listening on a free port for this test."""
+    return ChatServer(http_port, manager)
+
+
+# ---- a server in its own process, for signals and whole-program behaviour ----
+
+
+def free_port() -> int:
+    """A TCP port nobody is listening on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Return once something accepts connections on `port`; fail if the process dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"server exited early: {process.communicate()}"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise AssertionError(f"nothing listening on port {port} after {timeout} s")
+
+
+@pytest.fixture
+def chat_process():
+    """Start `python chat.py FLAGS...` on a free port; returns (process, port). Killed at the end."""
+    processes = []
+
+    def start(*flags: str, env: dict | None = None) -> tuple[subprocess.Popen, int]:
+        port = free_port()
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "chat.py"), f"--port={port}", *flags],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, **(env or {})}, cwd=ROOT)
+        processes.append(process)
+        wait_for_port(port, process)
+        return process, port
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
