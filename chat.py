@@ -386,7 +386,7 @@ class User:
     token: str
     bucket: TokenBucket
     connection: Connection | None
-    rooms: list[str] = field(default_factory=list)  # joined rooms, oldest first
+    rooms: list[str] = field(default_factory=list)  # joined rooms, the current one last
     current_room: str = LOBBY
     missed: deque | None = None  # events missed while dropped, replayed on resume
     grace_timer: asyncio.TimerHandle | None = None
@@ -509,6 +509,8 @@ class RoomManager:
         """Join a room (creating it if missing) and make it current; switch if already in."""
         room = self.rooms.get(room_name)
         if room is not None and fold(user.username) in room.members:
+            user.rooms.remove(room_name)  # most recently current last: /leave goes back there
+            user.rooms.append(room_name)
             user.current_room = room_name
             self.send(user, joined_event(room))
             return
@@ -521,7 +523,7 @@ class RoomManager:
         self.announce(room, f"{user.username} joined #{room_name}", "join", user)
 
     def leave(self, user: User) -> None:
-        """Leave the current room; the most recently joined remaining room becomes current."""
+        """Leave the current room and go back to the one that was current before it."""
         if len(user.rooms) == 1:
             raise Refusal("last_room", f"You cannot leave #{user.current_room}: it is your only "
                           "room, and everyone stays in at least one. /join another room first.")

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 import tornado.websocket
@@ -45,6 +46,7 @@ class ChatClient:
     def __init__(self, ws: tornado.websocket.WebSocketClientConnection, username: str):
         self.ws, self.username = ws, username
         self.welcome: dict | None = None
+        self.received: list[dict] = []  # every event read so far, in order
 
     async def say(self, line: str) -> None:
         """Send one typed line (chat text or a /command)."""
@@ -53,15 +55,18 @@ class ChatClient:
     async def next_event(self, timeout: float = WAIT_SECONDS) -> dict | None:
         """The next event from the server, or None once the connection has closed."""
         frame = await asyncio.wait_for(self.ws.read_message(), timeout)
-        return None if frame is None else json.loads(frame)
+        if frame is None:
+            return None
+        self.received.append(json.loads(frame))
+        return self.received[-1]
 
-    async def expect(self, event_type: str, timeout: float = WAIT_SECONDS) -> dict:
-        """Read events until one of `event_type` arrives; fail if the connection closes first."""
+    async def expect(self, event_type: str, timeout: float = WAIT_SECONDS, **fields) -> dict:
+        """Read events until one of `event_type` (with these field values) arrives; fail on close."""
         seen = []
         while True:
             event = await self.next_event(timeout)
             assert event is not None, f"{self.username}: closed while waiting for {event_type}; saw {seen}"
-            if event["type"] == event_type:
+            if event["type"] == event_type and all(event.get(k) == v for k, v in fields.items()):
                 return event
             seen.append(event)
 
@@ -106,8 +111,8 @@ class ChatServer:
 
     def url(self, username: str | None = None, token: str | None = None) -> str:
         """The WebSocket URL, with whatever query a test wants."""
-        query = "&".join(f"{key}={value}" for key, value in
-                         (("username", username), ("token", token)) if value is not None)
+        query = urlencode({key: value for key, value in (("username", username), ("token", token))
+                           if value is not None})
         return f"ws://127.0.0.1:{self.port}/ws" + (f"?{query}" if query else "")
 
     async def connect(self, username: str | None, token: str | None = None) -> ChatClient:
