@@ -1,0 +1,104 @@
+"""`python chat.py` as a program: flags, the port rule and start-up errors."""
+
+import json
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+from conftest import ROOT, free_port, wait_for_port
+
+import chat
+
+
+def run_chat(*flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run chat.py to completion (for --help and start-up errors)."""
+    return subprocess.run([sys.executable, str(ROOT / "chat.py"), *flags], capture_output=True,
+                          text=True, timeout=20, env=env)
+
+
+def status(port: int) -> dict:
+    """GET /status from a server on this machine."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as response:
+        return json.load(response)
+
+
+@pytest.mark.parametrize("flag", [
+    "--port", "--address", "--max-message-length", "--rate-per-second", "--rate-burst",
+    "--idle-timeout", "--room-capacity", "--max-connections", "--resume-grace", "--max-backlog",
+    "--ping-interval", "--announce-limit",
+])
+def test_help_lists_every_flag(flag):
+    """`python chat.py --help` lists each flag."""
+    result = run_chat("--help")
+    assert result.returncode == 0
+    assert flag in result.stdout + result.stderr
+
+
+def test_help_gives_each_limit_a_default_and_a_unit():
+    """Each limit's help names its unit and its default."""
+    text = " ".join((run_chat("--help").stdout + run_chat("--help").stderr).split())
+    for phrase in ["in characters (default 500)", "seconds", "bytes", "(default 8888)"]:
+        assert phrase in text
+
+
+def test_the_port_flag_starts_the_server_there(chat_process):
+    """`python chat.py --port=N` serves on N (chat_process passes --port)."""
+    process, port = chat_process()
+    assert status(port)["connections"] == 0
+
+
+def test_chat_port_sets_the_port_when_no_flag_is_given():
+    """`CHAT_PORT=N python chat.py` serves on N."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(ROOT / "chat.py")], env={"CHAT_PORT": str(port)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, process)
+        assert status(port)["rooms"] == [{"name": "lobby", "users": 0}]
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_the_port_flag_wins_over_chat_port(chat_process):
+    """With both given, --port is used and CHAT_PORT ignored."""
+    decoy = free_port()
+    process, port = chat_process(env={"CHAT_PORT": str(decoy)})
+    assert status(port)["connections"] == 0
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", decoy), timeout=0.5).close()
+
+
+@pytest.mark.parametrize("value", ["eighty", "0", "70000", "-1"])
+def test_a_bad_chat_port_is_a_clear_error(value):
+    """A CHAT_PORT that is not a port number stops the server with one sentence, not a traceback."""
+    result = run_chat(env={"CHAT_PORT": value})
+    assert result.returncode != 0
+    assert "CHAT_PORT must be a port number" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_port_in_use_is_a_clear_error():
+    """Starting on a busy port says so in one sentence and exits non-zero."""
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        result = run_chat(f"--port={busy.getsockname()[1]}")
+    assert result.returncode != 0
+    assert "cannot listen on port" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_limit_flags_reach_the_server(chat_process):
+    """Limit flags set the server's limits, as /status reports them."""
+    process, port = chat_process("--max-message-length=42", "--rate-per-second=0", "--idle-timeout=0")
+    limits = status(port)["limits"]
+    assert (limits["max_message_chars"], limits["rate_per_second"], limits["idle_timeout_seconds"]) == (42, 0, 0)
+
+
+def test_the_defaults_suit_a_class():
+    """100 users can share one room, and people may type a few lines a second."""
+    limits = chat.Limits()
+    assert limits.room_capacity >= 100 and limits.rate_burst >= 5 and limits.rate_per_second >= 2
+    assert limits.max_message_chars == 500 and limits.max_backlog_bytes == 1024 * 1024
+    assert 4096 <= limits.max_frame_bytes <= 16 * 1024
