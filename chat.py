@@ -42,22 +42,23 @@ import struct
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from itertools import islice
-from typing import Callable, Protocol
+from typing import Protocol
 
-import tornado.httpserver
 import tornado.netutil
 import tornado.web
 import tornado.websocket
+from tornado.httpserver import HTTPServer
 from tornado.iostream import StreamBufferFullError, StreamClosedError
 from tornado.options import define, options
 
 log = logging.getLogger("chat")
 
 
-# ---- 1. Settings -------------------------------------------------------------
+# ---- 1. Settings ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -95,16 +96,26 @@ def default_port() -> int:
 # The flag wins over CHAT_PORT because CHAT_PORT only sets the flag's default.
 define("port", default=default_port(), help="TCP port to listen on; CHAT_PORT sets the default")
 define("address", default="", help="address to listen on; empty means every interface")
-define("max_message_length", default=DEFAULTS.max_message_chars, help="longest chat line, in characters")
-define("rate_per_second", default=DEFAULTS.rate_per_second, help="lines per second a user may send, on average (0 = no limit)")
-define("rate_burst", default=DEFAULTS.rate_burst, help="lines a user may send in a quick burst")
-define("idle_timeout", default=DEFAULTS.idle_timeout_seconds, help="seconds without a line before a user is disconnected (0 = never)")
-define("room_capacity", default=DEFAULTS.room_capacity, help="members per room, lobby exempt (0 = no limit)")
-define("max_connections", default=DEFAULTS.max_connections, help="users on the server at once (0 = no limit)")
-define("resume_grace", default=DEFAULTS.resume_grace_seconds, help="seconds a dropped user's session is held for resume (0 = none)")
-define("max_backlog", default=DEFAULTS.max_backlog_bytes, help="bytes of unsent output before a slow client is dropped")
-define("ping_interval", default=DEFAULTS.ping_interval_seconds, help="seconds between keepalive pings; a peer silent for two is dropped (0 = off)")
-define("announce_limit", default=DEFAULTS.announce_limit, help="rooms with more members than this get no join/leave notices")
+define("max_message_length", default=DEFAULTS.max_message_chars,
+       help="longest chat line, in characters")
+define("rate_per_second", default=DEFAULTS.rate_per_second,
+       help="lines a user may send per second, on average (0 = no limit)")
+define("rate_burst", default=DEFAULTS.rate_burst,
+       help="lines a user may send in a quick burst")
+define("idle_timeout", default=DEFAULTS.idle_timeout_seconds,
+       help="seconds without a line before a user is disconnected (0 = never)")
+define("room_capacity", default=DEFAULTS.room_capacity,
+       help="users per room, lobby exempt (0 = no limit)")
+define("max_connections", default=DEFAULTS.max_connections,
+       help="users on the server at once, held sessions included (0 = no limit)")
+define("resume_grace", default=DEFAULTS.resume_grace_seconds,
+       help="seconds a dropped user's session is held for resume (0 = none)")
+define("max_backlog", default=DEFAULTS.max_backlog_bytes,
+       help="bytes of unsent output before a slow client is dropped")
+define("ping_interval", default=DEFAULTS.ping_interval_seconds,
+       help="seconds between keepalive pings; a peer silent for two is dropped (0 = off)")
+define("announce_limit", default=DEFAULTS.announce_limit,
+       help="rooms with more users than this get no join/leave notices")
 
 
 def limits_from_options() -> Limits:
@@ -123,7 +134,7 @@ def limits_from_options() -> Limits:
     )
 
 
-# ---- 2. Protocol: codes and events -----------------------------------------------
+# ---- 2. Protocol: codes and events ---------------------------------------------------
 
 LOBBY = "lobby"
 REPLAY_LIMIT_MESSAGES = 100  # messages kept for a dropped user, replayed on resume
@@ -211,7 +222,7 @@ def error_event(code: str, text: str, **extra) -> dict:
 class Outbound:
     """One event, JSON-encoded once however many members receive it."""
 
-    __slots__ = ("event", "text", "_frame")
+    __slots__ = ("_frame", "event", "text")
 
     def __init__(self, event: dict):
         self.event = event
@@ -226,7 +237,7 @@ class Outbound:
         return self._frame
 
 
-# ---- 3. Pure helpers: names, text, rate, frames ---------------------------------
+# ---- 3. Pure helpers: names, text, rate, frames --------------------------------------
 # None of these touch the network or read the clock: the time is passed in.
 
 USERNAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,20}")
@@ -252,7 +263,7 @@ def parse_room_name(raw: str) -> str | None:
 # Control characters could move another user's cursor, recolour or clear their
 # screen, or (bidi overrides) make text read backwards. They never get relayed.
 _LINE_BREAKS = "\t\n\r\v\f\u2028\u2029"
-_CONTROLS = [*range(0x00, 0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+_CONTROLS = [*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
 _CLEAN_TABLE = {**dict.fromkeys(_CONTROLS), **{ord(ch): " " for ch in _LINE_BREAKS}}
 
 
@@ -263,7 +274,7 @@ def clean_text(text: str) -> str:
 
 def utc_timestamp(now: float) -> str:
     """Seconds since the epoch as ISO 8601 UTC with milliseconds: 2026-11-25T19:48:04.123Z."""
-    moment = datetime.fromtimestamp(now, timezone.utc)
+    moment = datetime.fromtimestamp(now, UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -301,7 +312,7 @@ def websocket_text_frame(payload: bytes) -> bytes:
     return header + payload
 
 
-# ---- 4. Commands -------------------------------------------------------------------
+# ---- 4. Commands ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -344,7 +355,7 @@ def run_help(manager: "RoomManager", user: "User", argument: str) -> None:
 
 
 COMMANDS = {
-    "join": Command("/join <room>", "join a room (it is created if missing) and make it your current room", run_join),
+    "join": Command("/join <room>", "join a room (created if missing) and make it your current room", run_join),
     "leave": Command("/leave", "leave your current room (you always stay in at least one)", run_leave),
     "rooms": Command("/rooms", "list every room with its number of users", run_rooms),
     "users": Command("/users", "list the users in your current room", run_users),
@@ -363,7 +374,7 @@ def parse_command(line: str) -> tuple[str, str] | None:
     return fold(name), argument.strip()
 
 
-# ---- 5. Room manager ----------------------------------------------------------------
+# ---- 5. Room manager -----------------------------------------------------------------
 # All chat state lives here, and every change to it happens in a method with no
 # `await`: a check ("is the name free?") and its act ("take it") can never be
 # split by another client's turn. It knows nothing about sockets, so the
@@ -577,7 +588,7 @@ class RoomManager:
                           f"is {self.limits.max_message_chars}. Nothing was sent.")
         room = self.rooms[user.current_room]
         self.broadcast(room, message_event(self.timestamp(), user.username, room.name, text))
-        log.info("#%s <%s> %s (%d connections)", room.name, user.username, text, len(self.connections))
+        log.info("#%s <%s> %s (connections: %d)", room.name, user.username, text, len(self.connections))
 
     def announce(self, room: Room | None, text: str, event: str, about: User) -> None:
         """Tell a room's other members someone joined or left, unless the room is big.
@@ -627,7 +638,7 @@ class RoomManager:
         }
 
 
-# ---- 6. WebSocket handler -------------------------------------------------------------
+# ---- 6. WebSocket handler ------------------------------------------------------------
 # Tornado calls open(), then on_message() for every frame, then on_close()
 # exactly once, whether the client said goodbye or simply vanished. An
 # exception in any of them is logged with its traceback by Tornado, and only
@@ -660,11 +671,12 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         except Refusal as refusal:
             self.send(Outbound(error_event(refusal.code, refusal.text)))
             self.close_by_server(refusal.close_code, refusal.code)
-            log.info("refused %r: %s (%d connections)", username, refusal.code, len(self.manager.connections))
+            log.info("refused %r: %s (connections: %d)", username, refusal.code,
+                     len(self.manager.connections))
             return
         self.last_active = time.monotonic()
         self.schedule_idle_check(self.manager.limits.idle_timeout_seconds)
-        log.info("connect %s from %s (%d connections)", self.user.username, self.request.remote_ip,
+        log.info("connect %s from %s (connections: %d)", self.user.username, self.request.remote_ip,
                  len(self.manager.connections))
 
     def on_message(self, message: str | bytes) -> None:
@@ -689,7 +701,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         reason = self.server_close_reason or ("connection lost" if abrupt else "quit")
         self.manager.disconnect(self.user, self, hold=abrupt, reason=reason)
         held = " (session held for resume)" if self.user.connection is None and self.user.grace_timer else ""
-        log.info("disconnect %s: %s%s (%d connections)", self.user.username, reason, held,
+        log.info("disconnect %s: %s%s (connections: %d)", self.user.username, reason, held,
                  len(self.manager.connections))
 
     # -- sending, and backpressure --
@@ -751,7 +763,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self.close_by_server(CLOSE_GOING_AWAY, "server shutting down")
 
 
-# ---- 7. Status endpoint ---------------------------------------------------------------
+# ---- 7. Status endpoint --------------------------------------------------------------
 
 
 class StatusHandler(tornado.web.RequestHandler):
@@ -767,7 +779,7 @@ class StatusHandler(tornado.web.RequestHandler):
         self.write(self.manager.status())
 
 
-# ---- 8. Wiring and main -----------------------------------------------------------------
+# ---- 8. Wiring and main --------------------------------------------------------------
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
@@ -793,16 +805,16 @@ def make_app(manager: RoomManager) -> tornado.web.Application:
     )
 
 
-def serve(limits: Limits = DEFAULTS, port: int = 0, address: str = "") -> tuple[tornado.httpserver.HTTPServer, RoomManager, int]:
-    """Start listening (port 0 picks a free one); returns the server, its manager and its port."""
+def serve(limits: Limits = DEFAULTS, port: int = 0, address: str = "") -> tuple[HTTPServer, RoomManager, int]:
+    """Start listening on the running loop (port 0 picks a free one): server, manager, port."""
     manager = RoomManager(limits)
     sockets = tornado.netutil.bind_sockets(port, address)
-    server = tornado.httpserver.HTTPServer(make_app(manager))
+    server = HTTPServer(make_app(manager))
     server.add_sockets(sockets)
     return server, manager, sockets[0].getsockname()[1]
 
 
-async def shutdown(server: tornado.httpserver.HTTPServer, manager: RoomManager, timeout_seconds: float = 3.0) -> None:
+async def shutdown(server: HTTPServer, manager: RoomManager, timeout_seconds: float = 3.0) -> None:
     """Stop listening, tell every client goodbye, and wait briefly for them to close."""
     server.stop()
     connections = list(manager.connections)

@@ -14,7 +14,7 @@ import chat
 
 def run_chat(*flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run chat.py to completion (for --help and start-up errors)."""
-    return subprocess.run([sys.executable, str(ROOT / "chat.py"), *flags], capture_output=True,
+    return subprocess.run([sys.executable, str(ROOT / "chat.py"), *flags], capture_output=True, check=False,
                           text=True, timeout=20, env=env)
 
 
@@ -45,7 +45,7 @@ def test_help_gives_each_limit_a_default_and_a_unit():
 
 def test_the_port_flag_starts_the_server_there(chat_process):
     """`python chat.py --port=N` serves on N (chat_process passes --port)."""
-    process, port = chat_process()
+    _, port = chat_process()
     assert status(port)["connections"] == 0
 
 
@@ -65,7 +65,7 @@ def test_chat_port_sets_the_port_when_no_flag_is_given():
 def test_the_port_flag_wins_over_chat_port(chat_process):
     """With both given, --port is used and CHAT_PORT ignored."""
     decoy = free_port()
-    process, port = chat_process(env={"CHAT_PORT": str(decoy)})
+    _, port = chat_process(env={"CHAT_PORT": str(decoy)})
     assert status(port)["connections"] == 0
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", decoy), timeout=0.5).close()
@@ -91,7 +91,7 @@ def test_a_port_in_use_is_a_clear_error():
 
 def test_limit_flags_reach_the_server(chat_process):
     """Limit flags set the server's limits, as /status reports them."""
-    process, port = chat_process("--max-message-length=42", "--rate-per-second=0", "--idle-timeout=0")
+    _, port = chat_process("--max-message-length=42", "--rate-per-second=0", "--idle-timeout=0")
     limits = status(port)["limits"]
     assert (limits["max_message_chars"], limits["rate_per_second"], limits["idle_timeout_seconds"]) == (42, 0, 0)
 

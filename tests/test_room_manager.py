@@ -37,7 +37,7 @@ class ManualTimers:
     """call_later that waits for the test to fire a timer by hand."""
 
     def __init__(self):
-        self.pending: list["ManualTimer"] = []
+        self.pending: list[ManualTimer] = []
 
     def call_later(self, delay: float, callback) -> "ManualTimer":
         """Remember the callback; the test fires it when it likes."""

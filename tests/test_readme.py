@@ -1,0 +1,77 @@
+"""The README stays true to the code: tour anchors, flags, codes and the test command."""
+
+import re
+
+import pytest
+from conftest import ROOT
+from tornado.options import options
+
+import chat
+
+README = (ROOT / "README.md").read_text()
+CHAT_LINES = (ROOT / "chat.py").read_text().splitlines()
+BANNER = re.compile(r"# ---- (\d+)\. (.+?) -+$")
+TOUR_LINK = re.compile(r"\[(\d+)\. ([^\]]+)\]\(chat\.py#L(\d+)\)")
+
+
+def banners() -> dict[int, tuple[str, int]]:
+    """chat.py's section banners: number -> (title, line number)."""
+    found = {}
+    for line_number, line in enumerate(CHAT_LINES, start=1):
+        match = BANNER.fullmatch(line)
+        if match:
+            found[int(match.group(1))] = (match.group(2), line_number)
+    return found
+
+
+def test_chat_py_sections_are_numbered_in_order():
+    """The banners run 1, 2, 3, ... top to bottom, as the module docstring's map does."""
+    numbers = list(banners())
+    assert numbers == list(range(1, len(numbers) + 1)) and len(numbers) >= 8
+    for number, (title, _line) in banners().items():
+        assert re.search(rf"^ ?{number}\. {re.escape(title.split(':')[0])}", chat.__doc__, re.M)
+
+
+def test_the_tour_names_every_section_of_chat_py():
+    """Each section of chat.py has a row in the README's tour, in order."""
+    linked = [(int(number), title) for number, title, _ in TOUR_LINK.findall(README)]
+    assert linked == [(number, title) for number, (title, _) in banners().items()]
+
+
+@pytest.mark.parametrize("number, title, line", TOUR_LINK.findall(README))
+def test_each_tour_anchor_points_at_its_section_banner(number, title, line):
+    """`chat.py#L<n>` in the tour lands on that section's banner line."""
+    actual_title, actual_line = banners()[int(number)]
+    assert (title, int(line)) == (actual_title, actual_line), f"use chat.py#L{actual_line}"
+
+
+def chat_flags() -> list[str]:
+    """The flags chat.py defines (tornado's own logging flags aside)."""
+    return [name for name, option in options._options.items() if option.file_name.endswith("chat.py")]
+
+
+@pytest.mark.parametrize("flag", chat_flags())
+def test_every_flag_is_in_the_readme_table(flag):
+    """The flags table lists each of chat.py's flags."""
+    assert f"| `--{flag.replace('_', '-')}` |" in README
+
+
+@pytest.mark.parametrize("name", [name for name in dir(chat) if name.startswith("CLOSE_")])
+def test_every_close_code_is_in_the_readme_table(name):
+    """The close codes table lists each close code chat.py uses."""
+    assert f"| {getattr(chat, name)} |" in README
+
+
+SOURCE = "\n".join(CHAT_LINES)
+
+
+@pytest.mark.parametrize("code", sorted(set(re.findall(r'(?:Refusal|error_event)\(\s*"(\w+)"', SOURCE))))
+def test_every_error_code_is_in_the_readme(code):
+    """Each `error` code the server can send is documented."""
+    assert f"`{code}`" in README
+
+
+def test_ci_runs_the_readme_test_command():
+    """`.ci/run` runs exactly the test command the README gives a newcomer."""
+    assert "pip install -r requirements.txt && python -m pytest" in README
+    assert "\npython -m pytest\n" in (ROOT / ".ci" / "run").read_text()
