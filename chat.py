@@ -503,6 +503,7 @@ class RoomManager:
         user.grace_timer = None
         if user.connection is None:
             self.end_session(user, "connection lost")
+            log.info("session of %s expired (connections: %d)", user.username, len(self.connections))
 
     def end_session(self, user: User, reason: str) -> None:
         """Remove a user from every room and forget the session; the name is free again."""
@@ -655,6 +656,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self.server_close_reason = ""  # set when we close it on purpose: no session is held then
         self.last_active = 0.0
         self.idle_timer: asyncio.TimerHandle | None = None
+        self.gone = asyncio.get_running_loop().create_future()  # resolved by on_close
 
     def check_origin(self, origin: str) -> bool:
         """Accept every origin: any client, from any page or terminal, may chat."""
@@ -692,6 +694,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     def on_close(self) -> None:
         """The connection is gone: unregister it and tell the manager."""
         self.manager.connections.discard(self)
+        self.gone.set_result(None)
         if self.idle_timer is not None:
             self.idle_timer.cancel()
         if self.user is None:
@@ -820,9 +823,8 @@ async def shutdown(server: HTTPServer, manager: RoomManager, timeout_seconds: fl
     connections = list(manager.connections)
     for connection in connections:
         connection.say_goodbye()
-    deadline = time.monotonic() + timeout_seconds
-    while manager.connections and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)  # each close runs on_close, which shrinks the set
+    if connections:  # each one's on_close resolves its `gone` future
+        await asyncio.wait([connection.gone for connection in connections], timeout=timeout_seconds)
     log.info("shut down: closed %d connections", len(connections))
 
 
