@@ -115,7 +115,7 @@ define("max_backlog", default=DEFAULTS.max_backlog_bytes,
 define("ping_interval", default=DEFAULTS.ping_interval_seconds,
        help="seconds between keepalive pings; a peer silent for two is dropped (0 = off)")
 define("announce_limit", default=DEFAULTS.announce_limit,
-       help="rooms with more users than this get no join/leave notices")
+       help="rooms with more users than this get no join/leave notices (0 = none anywhere)")
 
 
 def limits_from_options() -> Limits:
@@ -584,7 +584,7 @@ class RoomManager:
         text = clean_text(line)
         if not text.strip():
             raise Refusal("empty_message", "Empty messages are not sent: type some text.")
-        if len(text) > self.limits.max_message_chars:
+        if self.limits.max_message_chars and len(text) > self.limits.max_message_chars:
             raise Refusal("message_too_long", f"Your message has {len(text)} characters; the limit "
                           f"is {self.limits.max_message_chars}. Nothing was sent.")
         room = self.rooms[user.current_room]
@@ -666,7 +666,6 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         """A client connected: log it in, or refuse it with an error and a close code."""
         self.manager.connections.add(self)  # removed in on_close, which always runs
         self.set_nodelay(True)  # small chat frames go out at once (Nagle would add ~40 ms)
-        self.ws_connection.stream.max_write_buffer_size = self.manager.limits.max_backlog_bytes
         username = self.get_query_argument("username", "")
         try:
             self.user = self.manager.connect(username, self.get_query_argument("token", ""), self)
@@ -701,11 +700,21 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             return
         # No close frame from the client, and not closed by us: the network failed.
         abrupt = self.close_code is None and not self.server_close_reason
-        reason = self.server_close_reason or ("connection lost" if abrupt else "quit")
-        self.manager.disconnect(self.user, self, hold=abrupt, reason=reason)
-        held = " (session held for resume)" if self.user.connection is None and self.user.grace_timer else ""
+        self.leave_chat(self.server_close_reason or ("connection lost" if abrupt else "quit"), hold=abrupt)
+
+    def leave_chat(self, reason: str, hold: bool) -> None:
+        """This connection's user is done: hold the session for resume, or end it (once)."""
+        if self.user is None or self.user.connection is not self:
+            return  # refused, already gone, or taken over by a newer connection
+        self.manager.disconnect(self.user, self, hold=hold, reason=reason)
+        held = " (session held for resume)" if self.user.grace_timer else ""
         log.info("disconnect %s: %s%s (connections: %d)", self.user.username, reason, held,
                  len(self.manager.connections))
+
+    def log_exception(self, typ, value, tb) -> None:
+        """A bug: log it with its traceback, naming the user but not the URL (it holds the token)."""
+        log.error("bug while serving %s at %s", self.user and self.user.username, self.request.path,
+                  exc_info=(typ, value, tb))
 
     # -- sending, and backpressure --
 
@@ -721,20 +730,28 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         protocol = self.ws_connection
         if protocol is None or protocol.is_closing():
             return  # closed meanwhile: the member is gone, not an error
+        stream = protocol.stream
+        # The bound is for chat frames only: Tornado's own frames (ping, pong, close)
+        # are tiny and few, and must always fit, or a close could fail behind a backlog.
+        stream.max_write_buffer_size = self.manager.limits.max_backlog_bytes or None
         try:
-            protocol.stream.write(outbound.frame)
+            stream.write(outbound.frame)
         except StreamBufferFullError:
-            self.drop_slow_consumer(protocol.stream)
+            self.drop_slow_consumer(stream)
         except StreamClosedError:
             pass  # on_close is on its way
+        finally:
+            stream.max_write_buffer_size = None
 
     def drop_slow_consumer(self, stream) -> None:
         """This client stopped reading: close it rather than queue output forever."""
         log.warning("dropping %s: over %d bytes of unsent output", self.user and self.user.username,
                     self.manager.limits.max_backlog_bytes)
-        stream.max_write_buffer_size = None  # let the close frame queue behind the backlog;
+        stream.max_write_buffer_size = None  # let the close frame queue behind the backlog
         self.close_by_server(CLOSE_SLOW_CONSUMER, "slow consumer: fell too far behind")
-        # Tornado gives the client 5 s to answer the close, then drops the socket and its buffer.
+        # Tornado gives the client 5 s to read up and answer the close, then drops the
+        # socket and its buffer. The user leaves the rooms now, once this broadcast is done.
+        asyncio.get_running_loop().call_soon(self.leave_chat, "fell too far behind", False)
 
     def close_by_server(self, code: int, reason: str) -> None:
         """Close on purpose (refusal, idle, slow, shutdown): the session is not held."""

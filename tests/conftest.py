@@ -47,6 +47,7 @@ class ChatClient:
         self.ws, self.username = ws, username
         self.welcome: dict | None = None
         self.received: list[dict] = []  # every event read so far, in order
+        self.ended = False  # read_message() has said the connection is closed
 
     async def say(self, line: str) -> None:
         """Send one typed line (chat text or a /command)."""
@@ -54,8 +55,11 @@ class ChatClient:
 
     async def next_event(self, timeout: float = WAIT_SECONDS) -> dict | None:
         """The next event from the server, or None once the connection has closed."""
+        if self.ended:
+            return None  # reading past the end would only wait
         frame = await asyncio.wait_for(self.ws.read_message(), timeout)
         if frame is None:
+            self.ended = True
             return None
         self.received.append(json.loads(frame))
         return self.received[-1]
