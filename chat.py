@@ -642,8 +642,8 @@ class RoomManager:
 # ---- 6. WebSocket handler ------------------------------------------------------------
 # Tornado calls open(), then on_message() for every frame, then on_close()
 # exactly once, whether the client said goodbye or simply vanished. An
-# exception in any of them is logged with its traceback by Tornado, and only
-# that one connection is closed.
+# exception in any of them is a bug: it is logged with its traceback
+# (log_exception), and only that one connection is closed.
 
 
 class ChatSocket(tornado.websocket.WebSocketHandler):
