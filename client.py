@@ -1,0 +1,1442 @@
+"""The terminal client of the teaching chat server (chat.py).
+
+Run it:
+
+    python client.py carol                          # split view, ws://localhost:8888/ws
+    python client.py carol --url ws://host:9000/ws  # another server
+    printf '/join x\\nhello\\n' | python client.py dave   # plain line mode over pipes
+
+The split view is a small weechat: a header (current room, your name, server,
+connection state), the messages of the current room, a sidebar with your rooms
+(and their unread counts) and the room's users, and the input line at the bottom.
+Plain line mode (--plain, or whenever stdin or stdout is not a terminal) reads
+lines and prints one line per event.
+
+How it runs
+-----------
+There is one thread and one asyncio loop; Tornado's WebSocket client runs on it.
+Server events, keystrokes, timers and signals are callbacks on that loop, and each
+finishes before the next starts, so the model needs no locks. (Plain mode reads
+stdin in a helper thread that only schedules work onto the loop.) The model is
+what the screen shows: rooms with their scrollback and unread counts, users, the
+input line. Drawing is a function of the model, so a resize is just a redraw.
+Every string from the server is cleaned of control characters before it is
+stored, so nothing the server sends can drive your terminal.
+
+Sections
+--------
+ 1. Settings          the command line, and the constants with their units
+ 2. Safe text         control-character stripping, display widths, wrapping, time
+ 3. Model             lines, rooms, users, unread counts, connection state
+ 4. Events            one handler per server event type, folding it into the model
+ 5. Input line        editing, history, Tab completion
+ 6. Connection        log in, resume with the token, reconnect with backoff
+ 7. Plain line mode   stdin lines in, one printed line per event out
+ 8. Split view: draw  header, messages, sidebar, status bar, input line
+ 9. Split view: run   keys, commands, signals, terminal modes
+10. Main
+"""
+
+import argparse
+import asyncio
+import codecs
+import json
+import logging
+import os
+import random
+import re
+import signal
+import sys
+import termios
+import threading
+import zlib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import blessed
+import tornado.httpclient
+import tornado.iostream
+import tornado.websocket
+from wcwidth import wcswidth, wcwidth
+
+# ---- 1. Settings -------------------------------------------------------------
+
+DEFAULT_HOST = "localhost"
+DEFAULT_PORT = 8888  # like chat.py, $CHAT_PORT changes it
+
+CONNECT_TIMEOUT_SECONDS = 5.0
+WELCOME_TIMEOUT_SECONDS = 5.0  # from the handshake to the server's welcome
+PING_INTERVAL_SECONDS = 20.0  # notice a dead link even when nobody talks
+BACKOFF_FIRST_SECONDS = 0.5  # reconnect delays double from here ...
+BACKOFF_CAP_SECONDS = 10.0  # ... up to here
+REPLY_WAIT_SECONDS = 5.0  # plain mode, end of input: wait this long for the echoes
+CLOSE_WAIT_SECONDS = 2.0  # how long the server may take to answer our close frame
+ESC_DELAY_SECONDS = 0.05  # a lone Esc: how long to wait for the rest of a key's sequence
+
+SCROLLBACK_LINES = 2000  # kept per room
+HISTORY_LINES = 500  # input lines Up/Down can bring back
+NEAR_LIMIT_FRACTION = 0.8  # the n/limit counter shows from 80 % of the length limit
+LOBBY = "lobby"  # everyone is in it after logging in
+QUIT_COMMANDS = {"/quit", "/exit"}  # handled by the client; everything else goes to the server
+COMMANDS = ("/help", "/join", "/leave", "/quit", "/rooms", "/users")  # for Tab completion
+
+DESCRIPTION = """\
+Chat in a terminal with the chat.py server: a split view on a terminal, plain
+line mode with --plain or whenever stdin or stdout is not a terminal, e.g.
+    printf '/join x\\nhello\\n' | python client.py dave
+"""
+KEYS_HELP = """\
+keys (split view):
+  Enter sends; Tab completes commands, rooms and usernames; Up/Down recall what you sent;
+  Left/Right, Home/End (Ctrl-A/Ctrl-E), Backspace/Delete, Ctrl-W deletes a word, Ctrl-U the line;
+  PgUp/PgDn scroll; Ctrl-N/Ctrl-P switch to the next/previous room; Ctrl-L redraws;
+  Ctrl-Z suspends (fg resumes); /quit, Ctrl-C or Ctrl-D (on an empty line) leave.
+commands: /join <room>, /leave, /rooms, /users, /help, /quit
+"""
+
+
+@dataclass
+class Settings:
+    """What the command line asked for."""
+
+    username: str
+    url: str  # the server's WebSocket URL, without the login query
+    plain: bool  # plain line mode even on a terminal
+
+
+def default_port() -> int:
+    """The port when neither --port nor --url is given: $CHAT_PORT, else 8888."""
+    value = os.environ.get("CHAT_PORT", "")
+    return int(value) if value.isdigit() and 0 < int(value) < 65536 else DEFAULT_PORT
+
+
+def server_url(host: str, port: int) -> str:
+    """The chat server's WebSocket URL for a host and port (IPv6 literals get brackets)."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"ws://{host}:{port}/ws"
+
+
+def parse_settings(argv: list[str] | None = None) -> Settings:
+    """Read the command line; argparse explains mistakes and exits."""
+    parser = argparse.ArgumentParser(
+        prog="client.py", epilog=KEYS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DESCRIPTION)
+    parser.add_argument("username", help="your name in the chat: 1-20 letters, digits, _ or -")
+    parser.add_argument("--url", help="the server's WebSocket URL; overrides --host and --port "
+                                      "(default: ws://HOST:PORT/ws)")
+    parser.add_argument("--host", default=DEFAULT_HOST, help="server host (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=default_port(),
+                        help="server port (default: %(default)s; $CHAT_PORT sets the default)")
+    parser.add_argument("--plain", action="store_true",
+                        help="plain line mode: type a line and Enter sends it; each event prints as a line")
+    args = parser.parse_args(argv)
+    url = args.url or server_url(args.host, args.port)
+    if urlsplit(url).scheme not in ("ws", "wss"):
+        parser.error(f"--url must start with ws:// or wss://, not {url!r}")
+    return Settings(args.username, url, args.plain)
+
+
+# ---- 2. Safe text: cleaning, widths, wrapping, time ---------------------------
+# Pure helpers: no terminal, no network. Widths are in terminal columns, measured
+# with wcwidth, because a CJK character or an emoji takes two columns.
+
+# C0 and C1 controls, ESC and DEL could move the cursor, recolour or clear the
+# screen; bidi overrides and isolates make text read backwards; lone surrogates
+# (JSON can carry them) cannot be encoded for the terminal at all.
+UNSAFE_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+SPACING_CONTROLS = re.compile("[\t\n\r\x0b\x0c]")  # these become a space, so words stay apart
+ZERO_WIDTH_JOINER = "\u200d"
+
+
+def clean(value: object) -> str:
+    """Any server-supplied value as text that is safe to print: no control characters."""
+    text = value if isinstance(value, str) else "" if value is None else str(value)
+    return UNSAFE_CHARS.sub("", SPACING_CONTROLS.sub(" ", text))
+
+
+def clean_list(value: object) -> list[str]:
+    """A server-supplied list of names, each cleaned; anything else is an empty list."""
+    return [clean(item) for item in value] if isinstance(value, list) else []
+
+
+def records(value: object) -> list[dict]:
+    """A server-supplied list of objects (rooms, commands); anything else is an empty list."""
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def cells(text: str) -> list[str]:
+    """Split text into what a terminal draws as one unit: a character plus its combining marks."""
+    units: list[str] = []
+    for char in text:
+        if units and (wcwidth(char) == 0 or units[-1].endswith(ZERO_WIDTH_JOINER)):
+            units[-1] += char  # combining mark, variation selector, or the next part of an emoji
+        else:
+            units.append(char)
+    return units
+
+
+def cell_width(cell: str) -> int:
+    """Columns one cell takes: 2 for CJK and most emoji, 1 for most else."""
+    return max(wcswidth(cell), 0)
+
+
+def text_width(text: str) -> int:
+    """Columns a text takes on the terminal."""
+    return sum(cell_width(cell) for cell in cells(text))
+
+
+def clip(text: str, width: int) -> str:
+    """The start of text that fits in width columns (a wide character never gets cut in half)."""
+    kept, used = [], 0
+    for cell in cells(text):
+        used += cell_width(cell)
+        if used > width:
+            break
+        kept.append(cell)
+    return "".join(kept)
+
+
+def clip_start(text: str, width: int) -> str:
+    """The end of text that fits in width columns."""
+    kept, used = [], 0
+    for cell in reversed(cells(text)):
+        used += cell_width(cell)
+        if used > width:
+            break
+        kept.append(cell)
+    return "".join(reversed(kept))
+
+
+def fit(text: str, width: int) -> str:
+    """Text clipped or padded with spaces to exactly width columns."""
+    text = clip(text, width)
+    return text + " " * (width - text_width(text))
+
+
+def fit_right(text: str, width: int) -> str:
+    """Text clipped (marked with an ellipsis) or padded on the left to exactly width columns."""
+    if text_width(text) > width:
+        text = clip(text, width - 1) + "…"
+    return " " * (width - text_width(text)) + text
+
+
+def hard_wrap(text: str, width: int) -> list[str]:
+    """Cut text into rows of at most width columns, wherever the row is full."""
+    rows, row, used = [], "", 0
+    for cell in cells(text):
+        if used + cell_width(cell) > width and row:
+            rows.append(row)
+            row, used = "", 0
+        row += cell
+        used += cell_width(cell)
+    return rows + [row]
+
+
+def wrap(text: str, width: int) -> list[str]:
+    """Break text into rows of at most width columns, at spaces where possible."""
+    rows = [""]
+    for index, word in enumerate(text.split(" ")):
+        candidate = f"{rows[-1]} {word}" if index else word
+        if text_width(candidate) <= width:
+            rows[-1] = candidate
+        elif text_width(word) <= width:
+            rows.append(word)  # the space at the break is dropped
+        else:
+            rows[-1:] = hard_wrap(candidate, width)  # a word longer than a row (or CJK text)
+    return rows
+
+
+def local_time(timestamp: object = None) -> str:
+    """A server timestamp (ISO 8601, UTC) as local HH:MM:SS; now, if it is missing or unreadable."""
+    try:
+        moment = datetime.fromisoformat(str(timestamp))  # Python 3.11 reads the "Z"
+    except ValueError:
+        moment = datetime.now(UTC)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone().strftime("%H:%M:%S")
+
+
+# Colours a username may get (terminal colour numbers): not red (errors), not dark
+# blue (unreadable on black), not black, white or grey. A terminal with only eight
+# colours gets the second list.
+USERNAME_COLOURS = (2, 3, 5, 6, 9, 10, 11, 12, 13, 14)
+BASIC_USERNAME_COLOURS = (2, 3, 4, 5, 6)
+
+
+def username_colour(username: str, palette: tuple[int, ...] = USERNAME_COLOURS) -> int:
+    """The same colour for a username in every client and every run.
+
+    Python's hash() is salted per process, so it would give bob another colour
+    tomorrow; crc32 of the folded name does not.
+    """
+    return palette[zlib.crc32(username.lower().encode()) % len(palette)]
+
+
+# ---- 3. Model -----------------------------------------------------------------
+# What the client knows, and nothing about how it is drawn.
+
+
+@dataclass
+class Line:
+    """One entry of a room's scrollback (and of plain mode's output)."""
+
+    kind: str  # message, join, leave, system, info or error
+    text: str
+    time: str  # local HH:MM:SS
+    username: str = ""  # who wrote it, for messages (and who came or went, for join/leave)
+    room: str = ""  # the room it belongs to; "" means the current room
+
+
+@dataclass
+class Room:
+    """A room you are in: its scrollback, unread count and users."""
+
+    name: str
+    lines: deque = field(default_factory=lambda: deque(maxlen=SCROLLBACK_LINES))
+    users: list[str] = field(default_factory=list)  # at most 200, as the server sends them
+    user_count: int = 0
+    unread: int = 0  # messages that arrived while another room was current
+    scroll_rows: int = 0  # how far the view is scrolled up from the newest line, in screen rows
+
+
+@dataclass
+class Model:
+    """Everything the screen shows: rooms, users, connection state and the input line."""
+
+    server: str
+    username: str
+    room: str = ""  # the current room, as the server sees it
+    rooms: dict[str, Room] = field(default_factory=dict)  # keyed by room name (stored lower-case)
+    left_rooms: dict[str, Room] = field(default_factory=dict)  # rooms we left: their scrollback comes back
+    known_rooms: set[str] = field(default_factory=set)  # from /rooms replies, for Tab completion
+    limit_chars: int = 0  # welcome.limits.max_message_chars; 0 = no limit
+    state: str = "connecting"  # connecting, connected, reconnecting or offline
+    state_detail: str = ""  # e.g. "in 2 s (attempt 3)", shown after the state
+    input: "InputLine" = field(default_factory=lambda: InputLine())
+
+
+def current_room(model: Model) -> Room:
+    """The room whose messages are on screen."""
+    return ensure_room(model, model.room)
+
+
+def ensure_room(model: Model, name: str) -> Room:
+    """The room of that name: one we are in, one we left (with its scrollback), or a new one."""
+    if name not in model.rooms:
+        model.rooms[name] = model.left_rooms.pop(name, None) or Room(name)
+    return model.rooms[name]
+
+
+def forget_room(model: Model, name: str) -> None:
+    """We are no longer in a room; keep its scrollback in case we join it again."""
+    if name in model.rooms:
+        model.left_rooms[name] = model.rooms.pop(name)
+
+
+def add_line(model: Model, line: Line) -> Line:
+    """Append a line to its room's scrollback; a message for another room counts as unread."""
+    room = ensure_room(model, line.room or model.room)
+    room.lines.append(line)
+    if line.kind == "message" and room.name != model.room:
+        room.unread += 1
+    return line
+
+
+def note(model: Model, text: str, kind: str = "info") -> Line:
+    """A line from the client itself (connection news, a hint) in the current room."""
+    return add_line(model, Line(kind, text, local_time()))
+
+
+def set_state(model: Model, state: str, detail: str = "") -> None:
+    """Change the connection state shown in the header."""
+    model.state, model.state_detail = state, detail
+
+
+def whole_number(value: object) -> int:
+    """A count from the server, or 0 if it is not a whole number."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def name_list(names: list[str], total: int, most: int = 10) -> str:
+    """Names for a sentence: "alice, bob and 3 more"."""
+    shown = ", ".join(names[:most])
+    return f"{shown} and {total - most} more" if total > most else shown
+
+
+# ---- 4. Events: one handler per server event type -----------------------------
+# Each handler folds an event into the model and returns the lines it adds, which
+# plain mode prints. Every string from the server goes through clean() first.
+
+
+def on_welcome(model: Model, event: dict) -> list[Line]:
+    """welcome: who we are, which rooms we are in, the limits; a resumed session keeps its scrollback."""
+    model.username = clean(event.get("username")) or model.username
+    rooms = clean_list(event.get("rooms"))
+    for name in [name for name in model.rooms if name not in rooms]:
+        forget_room(model, name)  # a fresh session after a lost one starts in the lobby only
+    for name in rooms:
+        ensure_room(model, name)
+    model.room = clean(event.get("room")) or (rooms[-1] if rooms else LOBBY)
+    limits = event.get("limits") if isinstance(event.get("limits"), dict) else {}
+    model.limit_chars = whole_number(limits.get("max_message_chars"))
+    set_state(model, "connected")
+    return [note(model, welcome_text(model, event))]
+
+
+def welcome_text(model: Model, event: dict) -> str:
+    """The sentence that greets a new or resumed session."""
+    if event.get("resumed"):
+        missed = whole_number(event.get("missed"))
+        if not missed:
+            return "Reconnected: your session is back."
+        follow = "missed message follows" if missed == 1 else "missed messages follow"
+        return f"Reconnected: your session is back ({missed} {follow})."
+    return f"Connected to {model.server} as {model.username}. Type /help for the commands."
+
+
+def on_message(model: Model, event: dict) -> list[Line]:
+    """message: a chat line in one of our rooms; in another room it counts as unread."""
+    line = Line("message", clean(event.get("text")), local_time(event.get("timestamp")),
+                clean(event.get("username")), clean(event.get("room")))
+    if event.get("replayed") and line in ensure_room(model, line.room or model.room).lines:
+        return []  # a missed message is shown once, even if it had already arrived
+    return [add_line(model, line)]
+
+
+SYSTEM_KINDS = {"join": "join", "leave": "leave"}  # other system events are plain notices
+
+
+def on_system(model: Model, event: dict) -> list[Line]:
+    """system: someone joined or left a room, or a notice (shutdown, idle timeout)."""
+    kind = SYSTEM_KINDS.get(event.get("event"), "system")
+    line = Line(kind, clean(event.get("text")), local_time(event.get("timestamp")),
+                clean(event.get("username")), clean(event.get("room")))
+    if line.username and kind != "system":
+        update_users(ensure_room(model, line.room or model.room), line.username, kind == "join")
+    return [add_line(model, line)]
+
+
+def update_users(room: Room, username: str, joined: bool) -> None:
+    """Keep a room's user list up to date as people come and go."""
+    others = [name for name in room.users if name.lower() != username.lower()]
+    room.user_count += 1 if joined else -1
+    room.users = sorted(others + [username], key=str.lower) if joined else others
+    room.user_count = max(room.user_count, len(room.users))  # the list may be cut at 200 names
+
+
+def on_joined(model: Model, event: dict) -> list[Line]:
+    """joined: we joined or switched to a room, which becomes current; here is who is in it."""
+    name = clean(event.get("room")) or model.room
+    is_new = name not in model.rooms
+    room = ensure_room(model, name)
+    set_users(room, event)
+    room.unread = 0
+    model.room = name
+    line = Line("info", f"Now in #{name} with {name_list(room.users, room.user_count)}.", local_time())
+    if is_new:
+        room.lines.append(line)  # switching back to a room adds nothing to its scrollback,
+    return [line]  # but plain mode prints it either way
+
+
+def set_users(room: Room, event: dict) -> None:
+    """Take a room's user list (and count) from a joined or users event."""
+    room.users = sorted(clean_list(event.get("users")), key=str.lower)
+    room.user_count = whole_number(event.get("user_count")) or len(room.users)
+
+
+def on_left(model: Model, event: dict) -> list[Line]:
+    """left: we left a room (its scrollback is kept aside); a joined for room_now follows."""
+    name = clean(event.get("room"))
+    forget_room(model, name)
+    model.room = clean(event.get("room_now")) or LOBBY
+    return [note(model, f"You left #{name}.")]
+
+
+def on_rooms(model: Model, event: dict) -> list[Line]:
+    """rooms: the reply to /rooms, every room with its number of users."""
+    names = [(clean(room.get("name")), clean(room.get("users"))) for room in records(event.get("rooms"))]
+    model.known_rooms = {name for name, _ in names}
+    return [note(model, "Rooms: " + ", ".join(f"#{name} ({users})" for name, users in names))]
+
+
+def on_users(model: Model, event: dict) -> list[Line]:
+    """users: the reply to /users, the users of the current room."""
+    room = ensure_room(model, clean(event.get("room")) or model.room)
+    set_users(room, event)
+    names = name_list(room.users, room.user_count, most=200)
+    return [note(model, f"Users in #{room.name} ({room.user_count}): {names}")]
+
+
+def on_help(model: Model, event: dict) -> list[Line]:
+    """help: the reply to /help, one line per command (plus the client's own /quit)."""
+    usages = [(clean(c.get("usage")), clean(c.get("description"))) for c in records(event.get("commands"))]
+    if not any(usage.startswith("/quit") for usage, _ in usages):
+        usages.append(("/quit", "leave the chat (Ctrl-C works too)"))
+    width = max(len(usage) for usage, _ in usages)
+    return [note(model, f"{usage:{width}}  {description}") for usage, description in usages]
+
+
+def on_error(model: Model, event: dict) -> list[Line]:
+    """error: the server refused something; say what, visibly."""
+    text = f"{clean(event.get('code')) or 'error'}: {clean(event.get('text'))}"
+    return [note(model, text, kind="error")]
+
+
+EVENT_HANDLERS: dict[str, Callable[[Model, dict], list[Line]]] = {
+    "welcome": on_welcome, "message": on_message, "system": on_system, "joined": on_joined,
+    "left": on_left, "rooms": on_rooms, "users": on_users, "help": on_help, "error": on_error,
+}
+
+
+def apply_event(model: Model, event: dict) -> list[Line]:
+    """Fold one server event into the model; return the lines it added (an unknown type adds none)."""
+    handler = EVENT_HANDLERS.get(event.get("type"))
+    return handler(model, event) if handler else []
+
+
+def parse_event(frame: str | bytes) -> dict:
+    """A frame from the server as an event; something unreadable becomes an error event."""
+    try:
+        event = json.loads(frame)
+    except ValueError:
+        event = None
+    if isinstance(event, dict):
+        return event
+    return {"type": "error", "code": "bad_frame", "text": "The server sent something that is not an event."}
+
+
+# ---- 5. Input line: editing, history, Tab completion ---------------------------
+
+
+@dataclass
+class Completion:
+    """A Tab completion in progress: repeated Tabs cycle through the matches."""
+
+    start: int  # where the word being completed starts in the line
+    matches: list[str]
+    index: int = -1
+
+
+@dataclass
+class InputLine:
+    """The line being typed: its text and cursor, the history, and any completion in progress."""
+
+    text: str = ""
+    cursor: int = 0  # an index into text: the cursor sits before text[cursor]
+    history: list[str] = field(default_factory=list)
+    browsing: int | None = None  # the history index shown while Up/Down browse, else None
+    draft: str = ""  # the unsent line, kept while browsing the history
+    completion: Completion | None = None
+
+    def set(self, text: str) -> None:
+        """Replace the whole line, cursor at the end."""
+        self.text, self.cursor = text, len(text)
+
+    def insert(self, chars: str) -> None:
+        """Type characters at the cursor."""
+        self.text = self.text[:self.cursor] + chars + self.text[self.cursor:]
+        self.cursor += len(chars)
+
+    def backspace(self) -> None:
+        """Delete the character before the cursor."""
+        if self.cursor:
+            self.text = self.text[:self.cursor - 1] + self.text[self.cursor:]
+            self.cursor -= 1
+
+    def delete(self) -> None:
+        """Delete the character under the cursor."""
+        self.text = self.text[:self.cursor] + self.text[self.cursor + 1:]
+
+    def move(self, steps: int) -> None:
+        """Move the cursor left (negative) or right, staying inside the line."""
+        self.cursor = min(max(self.cursor + steps, 0), len(self.text))
+
+    def delete_word(self) -> None:
+        """Delete the word before the cursor, and the spaces after it (Ctrl-W)."""
+        start = self.text[:self.cursor].rstrip(" ").rfind(" ") + 1  # after the space before the word
+        self.text, self.cursor = self.text[:start] + self.text[self.cursor:], start
+
+    def take(self) -> str:
+        """Enter: hand over the line, remember it in the history, start a new one."""
+        text = self.text
+        if text.strip() and (not self.history or self.history[-1] != text):
+            self.history = (self.history + [text])[-HISTORY_LINES:]
+        self.set("")
+        self.browsing = None
+        return text
+
+    def history_back(self) -> None:
+        """Up: show the previous line from the history."""
+        if self.browsing is None:
+            self.draft, self.browsing = self.text, len(self.history)
+        if self.browsing > 0:
+            self.browsing -= 1
+            self.set(self.history[self.browsing])
+
+    def history_forward(self) -> None:
+        """Down: show the next line from the history, and finally the unsent draft again."""
+        if self.browsing is None:
+            return
+        self.browsing += 1
+        if self.browsing < len(self.history):
+            self.set(self.history[self.browsing])
+        else:
+            self.browsing = None
+            self.set(self.draft)
+
+    def complete(self, pool: list[str]) -> None:
+        """Tab: put the next candidate from pool that starts like the word before the cursor in its place."""
+        if self.completion is None:
+            start = self.text.rfind(" ", 0, self.cursor) + 1
+            word = self.text[start:self.cursor].lower()
+            self.completion = Completion(start, [c for c in pool if c.lower().startswith(word)])
+        done = self.completion
+        if not done.matches:
+            return
+        done.index = (done.index + 1) % len(done.matches)
+        word = done.matches[done.index] + " "
+        self.text = self.text[:done.start] + word + self.text[self.cursor:]
+        self.cursor = done.start + len(word)
+
+
+def completion_pool(model: Model, before_cursor: str) -> list[str]:
+    """What Tab may complete here: a command first, a room name after /join, else a username."""
+    words = before_cursor.split(" ")
+    if len(words) == 1 and words[0].startswith("/"):
+        return list(COMMANDS)
+    if len(words) == 2 and words[0].lower() == "/join":
+        prefix = "#" if words[1].startswith("#") else ""
+        return [prefix + name for name in sorted(set(model.rooms) | model.known_rooms)]
+    return [name for name in current_room(model).users if name.lower() != model.username.lower()]
+
+
+# ---- 6. Connection: log in, resume, reconnect ------------------------------------
+
+# Closes after which reconnecting is right: the link broke, the server had trouble,
+# or a line was too big (1009: the server holds the session, so we resume it).
+# Any other close (idle timeout 4008, taken over 4010, refusals ...) was meant.
+RETRY_CLOSE_CODES = {None, 1006, 1009, 1011, 1012, 1013, 1014}
+CLOSE_SHUTDOWN = 1001
+CLOSE_BAD_TOKEN = 4004
+CLOSE_REASONS = {
+    None: "the connection broke",
+    1000: "the server closed the connection",
+    1001: "the server is shutting down",
+    1006: "the connection broke",
+    1009: "a line was too big for the server, so it was not sent",
+    4001: "the username was refused",
+    4002: "the username is taken",
+    4003: "the server is full",
+    4004: "the server no longer knows this session",
+    4008: "you were idle for too long",
+    4009: "the connection fell too far behind",
+    4010: "your session was taken over by a newer connection",
+}
+
+# What websocket_connect raises when it cannot reach a server that speaks WebSocket.
+CONNECT_ERRORS = (OSError, TimeoutError, tornado.httpclient.HTTPClientError,
+                  tornado.iostream.StreamClosedError, tornado.websocket.WebSocketError)
+
+
+class ClientError(Exception):
+    """A reason to stop before the chat starts, in one sentence for stderr."""
+
+
+@dataclass
+class Refused:
+    """The server said no to a login: its error code and sentence, and the close code."""
+
+    code: str
+    text: str
+    close_code: int | None
+
+
+def backoff_seconds(attempt: int, rand: Callable[[], float] = random.random) -> float:
+    """The wait before reconnect attempt n: doubling from 0.5 s up to 10 s, with jitter.
+
+    The jitter (a random 50-100 % of the delay) keeps a roomful of clients that lost
+    the same server from all knocking at the same instant when it comes back.
+    """
+    ceiling = min(BACKOFF_CAP_SECONDS, BACKOFF_FIRST_SECONDS * 2 ** (attempt - 1))
+    return ceiling * (0.5 + rand() / 2)
+
+
+def should_reconnect(close_code: int | None, after_shutdown: bool) -> bool:
+    """Whether a closed connection is worth retrying: a broken link yes, a deliberate close no."""
+    if close_code == CLOSE_SHUTDOWN:
+        return after_shutdown  # the split view waits for the server to come back
+    return close_code in RETRY_CLOSE_CODES
+
+
+def describe_close(close_code: int | None) -> str:
+    """Why a connection ended, for people."""
+    return CLOSE_REASONS.get(close_code, f"the server closed the connection (code {close_code})")
+
+
+def describe_error(error: Exception) -> str:
+    """Why a connection attempt failed, for people."""
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused (is the server running?)"
+    if isinstance(error, tornado.httpclient.HTTPClientError):
+        return f"it answered HTTP {error.code} instead of accepting a WebSocket"
+    if isinstance(error, TimeoutError):
+        return "no answer in time"
+    return getattr(error, "strerror", None) or str(error) or type(error).__name__
+
+
+def is_reply(event: dict, username: str) -> bool:
+    """Whether an event answers a line we sent: our own message's echo, or a command's reply."""
+    if event.get("type") == "message":
+        return clean(event.get("username")).lower() == username.lower() and not event.get("replayed")
+    return event.get("type") in ("joined", "rooms", "users", "help", "error")
+
+
+def login_url(url: str, username: str, token: str) -> str:
+    """The server URL with the login query: ?username=NAME, plus &token=T to resume."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query) + [("username", username)] + ([("token", token)] if token else [])
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+class Connection:
+    """The link to the server: log in, read events into the model, send lines, reconnect."""
+
+    def __init__(self, settings: Settings, model: Model, show: Callable[[list[Line]], None],
+                 reconnect_after_shutdown: bool):
+        """Not connected yet; `show` gets the lines each event adds (plain mode prints them)."""
+        self.settings, self.model, self.show = settings, model, show
+        self.reconnect_after_shutdown = reconnect_after_shutdown
+        self.ws: tornado.websocket.WebSocketClientConnection | None = None  # None while disconnected
+        self.token = ""  # from welcome: a reconnect with it resumes the session
+        self.logged_in = False  # welcome and its joined have arrived on the live connection
+        self.outbox: list[str] = []  # lines typed while not logged in, sent once we are
+        self.rejoin: list[str] = []  # rooms of a lost session, joined again after a fresh login
+        self.unanswered = 0  # lines sent that have had no echo or reply yet
+        self.settled = asyncio.Event()  # set while nothing waits to be sent or answered
+        self.settled.set()
+        self.quitting = False
+        self.gave_up = False  # the server ended the session on purpose: no more reconnects
+        self.task: asyncio.Task | None = None
+
+    # -- logging in --
+
+    async def log_in(self) -> Refused | None:
+        """Open a connection and read up to the welcome; None if we are in, else the refusal."""
+        url = login_url(self.settings.url, self.model.username, self.token)
+        self.ws = await tornado.websocket.websocket_connect(
+            url, connect_timeout=CONNECT_TIMEOUT_SECONDS, ping_interval=PING_INTERVAL_SECONDS)
+        refused = Refused("", "", None)
+        while True:
+            frame = await asyncio.wait_for(self.ws.read_message(), WELCOME_TIMEOUT_SECONDS)
+            if frame is None:  # a refusal: an error event, then a close frame
+                refused.close_code = self.ws.close_code
+                refused.text = refused.text or describe_close(self.ws.close_code)
+                self.ws = None
+                return refused
+            event = parse_event(frame)
+            if event.get("type") == "error":
+                refused.code, refused.text = clean(event.get("code")), clean(event.get("text"))
+            elif event.get("type") == "welcome":
+                self.receive(frame)
+                return None
+
+    async def connect_first(self) -> None:
+        """Log in for the first time; raise ClientError (one clear sentence) if that fails."""
+        try:
+            refused = await self.log_in()
+        except CONNECT_ERRORS as error:
+            self.drop_socket()
+            raise ClientError(f"Cannot reach the chat server at {self.settings.url}: "
+                              f"{describe_error(error)}.") from None
+        if refused is not None:
+            raise ClientError(f"The server refused {self.settings.username!r}: {refused.text}")
+
+    # -- the life of a session --
+
+    def start(self) -> None:
+        """Keep reading events (and reconnecting) in a task of its own."""
+        self.task = asyncio.create_task(self.run())
+
+    async def run(self) -> None:
+        """Read events until the link closes; reconnect while that makes sense."""
+        while True:
+            while (frame := await self.ws.read_message()) is not None:
+                self.receive(frame)
+            close_code = self.ws.close_code
+            self.lose_connection()
+            if self.quitting:
+                return
+            if not should_reconnect(close_code, self.reconnect_after_shutdown):
+                return self.give_up(describe_close(close_code))
+            self.show([note(self.model, f"Disconnected: {describe_close(close_code)}. Reconnecting...",
+                            kind="error")])
+            if not await self.reconnect():
+                return
+
+    async def reconnect(self) -> bool:
+        """Try again after growing, jittered delays until logged in; False if refused for good."""
+        attempt = 0
+        while not self.quitting:
+            attempt += 1
+            delay = backoff_seconds(attempt)
+            set_state(self.model, "reconnecting", f"in {delay:.0f} s, attempt {attempt}")
+            self.show([])
+            await asyncio.sleep(delay)
+            try:
+                refused = await self.log_in()
+            except CONNECT_ERRORS:
+                self.drop_socket()
+                continue
+            if refused is None:
+                return True
+            if refused.close_code == CLOSE_BAD_TOKEN:
+                self.forget_session()
+                attempt = 0
+            elif not should_reconnect(refused.close_code, after_shutdown=True):
+                self.give_up(refused.text)
+                return False
+        return False
+
+    def drop_socket(self) -> None:
+        """Abandon a connection attempt that failed half-way (say, no welcome in time)."""
+        if self.ws is not None:
+            self.ws.close()
+        self.ws = None
+
+    def forget_session(self) -> None:
+        """The server no longer knows our token (it restarted?): log in afresh, then rejoin our rooms."""
+        self.token = ""
+        others = sorted(name for name in self.model.rooms if name not in (LOBBY, self.model.room))
+        self.rejoin = others + ([self.model.room] if self.model.room != LOBBY else [])  # current last
+        rooms = ", ".join(f"#{name}" for name in self.rejoin)
+        then = f", then rejoining {rooms}" if rooms else ""
+        self.show([note(self.model, "The server no longer knows this session (did it restart?): "
+                                    f"logging in afresh as {self.model.username}{then}.", kind="error")])
+
+    def lose_connection(self) -> None:
+        """Forget the closed connection; lines sent on it will get no reply now."""
+        self.ws, self.logged_in, self.unanswered = None, False, 0
+        self.update_settled()
+
+    def give_up(self, reason: str) -> None:
+        """The server ended the session on purpose: say so, and stay offline."""
+        self.gave_up = True
+        set_state(self.model, "offline", reason)
+        self.show([note(self.model, f"Disconnected: {reason}.", kind="error")])
+
+    # -- frames in and out --
+
+    def receive(self, frame: str | bytes) -> None:
+        """One frame from the server: update the token, the reply count and the model."""
+        event = parse_event(frame)
+        kind = event.get("type")
+        if kind == "welcome":
+            self.token = clean(event.get("token"))
+        elif kind == "joined" and not self.logged_in:
+            self.logged_in = True  # the joined after welcome: now lines go in order
+            self.outbox[:0], self.rejoin = [f"/join {name}" for name in self.rejoin], []
+            self.flush_outbox()
+        elif is_reply(event, self.model.username):
+            self.unanswered = max(0, self.unanswered - 1)
+        lines = apply_event(self.model, event)
+        self.update_settled()
+        self.show(lines)
+
+    def send(self, line: str) -> None:
+        """Send a typed line now, or keep it until we are logged in (again)."""
+        if self.logged_in:
+            self.write(line)
+        else:
+            self.outbox.append(line)
+        self.update_settled()
+
+    def write(self, line: str) -> None:
+        """Put one line on the wire; count it until its reply arrives."""
+        try:
+            written = self.ws.write_message(line)
+        except tornado.websocket.WebSocketClosedError:
+            return  # run() sees the close and reconnects
+        # A failed write means the link is gone; run() notices that and reconnects.
+        written.add_done_callback(lambda future: future.cancelled() or future.exception())
+        self.unanswered += 1
+
+    def flush_outbox(self) -> None:
+        """Send the lines typed while we were not logged in, in order."""
+        lines, self.outbox = self.outbox, []
+        for line in lines:
+            self.write(line)
+
+    def update_settled(self) -> None:
+        """Mark whether every line typed so far has been sent and answered."""
+        if self.outbox or self.unanswered:
+            self.settled.clear()
+        else:
+            self.settled.set()
+
+    async def close(self) -> None:
+        """Leave with a normal close frame (the server frees the name at once), then stop."""
+        self.quitting = True
+        if self.ws is not None:
+            self.ws.close(1000, "bye")
+        elif self.task is not None:
+            self.task.cancel()  # it is waiting to reconnect: nothing to say goodbye to
+        if self.task is not None:
+            _, pending = await asyncio.wait({self.task}, timeout=CLOSE_WAIT_SECONDS)
+            for task in pending:
+                task.cancel()
+            if self.task.done() and not self.task.cancelled():
+                self.task.result()  # a crash in run() is not swallowed
+
+
+# ---- 7. Plain line mode -------------------------------------------------------
+
+
+def plain_text(line: Line) -> str:
+    """A line as plain mode prints it: [12:01:02] #general <bob> hi, and so on."""
+    room = f"#{line.room} " if line.room else ""
+    if line.kind == "message":
+        return f"[{line.time}] {room}<{line.username}> {line.text}"
+    if line.kind == "error":
+        return f"! {line.text}"
+    if line.kind == "info":
+        return f"* {line.text}"
+    return f"[{line.time}] {room}* {line.text}"
+
+
+def print_lines(lines: list[Line]) -> None:
+    """Plain mode's way to show new lines: print each one."""
+    for line in lines:
+        print(plain_text(line), flush=True)
+
+
+def read_stdin_in_thread(loop: asyncio.AbstractEventLoop, on_line: Callable[[str], None],
+                         on_end: Callable[[], None]) -> None:
+    """Read stdin line by line in a thread that only schedules the work onto the loop.
+
+    A thread, because a file redirected to stdin cannot be watched by the loop. It
+    reads with os.read, not sys.stdin: a daemon thread blocked inside sys.stdin
+    holds its lock, and Python aborts if that lock is held when the client exits.
+    """
+    def schedule(*call) -> None:
+        """Hand a call to the loop's thread."""
+        try:
+            loop.call_soon_threadsafe(*call)
+        except RuntimeError:
+            pass  # the loop has closed: the client is already on its way out
+
+    def read() -> None:
+        """The thread: split what stdin gives into lines, until it ends."""
+        decoder, pending = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
+        while chunk := os.read(sys.stdin.fileno(), 65536):
+            *lines, pending = (pending + decoder.decode(chunk)).split("\n")
+            for line in lines:
+                schedule(on_line, line.removesuffix("\r"))
+        if pending:
+            schedule(on_line, pending)  # a last line without a newline still counts
+        schedule(on_end)
+
+    threading.Thread(target=read, name="stdin", daemon=True).start()
+
+
+async def run_plain(settings: Settings) -> int:
+    """Plain line mode: send stdin's lines, print one line per event, leave at end of input."""
+    sys.stdout.reconfigure(errors="replace")
+    model = Model(settings.url, settings.username)
+    connection = Connection(settings, model, print_lines, reconnect_after_shutdown=False)
+    await connection.connect_first()
+    connection.start()
+    finished = asyncio.Event()  # end of input, /quit or Ctrl-C
+
+    def on_line(line: str) -> None:
+        """One line from stdin: /quit finishes, a blank line is skipped, the rest is sent."""
+        if finished.is_set() or not line.strip():
+            return
+        if line.strip().lower() in QUIT_COMMANDS:
+            finished.set()
+        else:
+            connection.send(line)
+
+    loop = asyncio.get_running_loop()
+    read_stdin_in_thread(loop, on_line, finished.set)
+    loop.add_signal_handler(signal.SIGINT, finished.set)
+    return await finish_plain(connection, finished)
+
+
+async def finish_plain(connection: Connection, finished: asyncio.Event) -> int:
+    """Wait for the end of input (or of the session); wait briefly for the echoes; close."""
+    waiting = asyncio.create_task(finished.wait())
+    await asyncio.wait({waiting, connection.task}, return_when=asyncio.FIRST_COMPLETED)
+    if connection.task.done():  # the server ended the session
+        waiting.cancel()
+        connection.task.result()
+        return 1
+    try:  # the lines we sent deserve their echoes before we go
+        await asyncio.wait_for(connection.settled.wait(), REPLY_WAIT_SECONDS)
+    except TimeoutError:
+        print("! Some lines got no reply from the server in time.", file=sys.stderr)
+    await connection.close()
+    return 0
+
+
+# ---- 8. Split view: drawing ------------------------------------------------------
+# Drawing is a function of the model (and the terminal's size): every redraw
+# paints the whole screen, so a resize needs nothing but a redraw.
+
+SIDEBAR_COLUMNS = 22  # shown when the terminal is at least WITH_SIDEBAR_COLUMNS wide
+WITH_SIDEBAR_COLUMNS = 60
+MIN_COLUMNS, MIN_ROWS = 20, 5
+TIME_COLUMNS = 8  # HH:MM:SS
+MARKS = {"join": "-->", "leave": "<--", "system": "--", "info": "--", "error": "!!"}
+
+
+@dataclass
+class Layout:
+    """Where the parts of the split view go, for one terminal size."""
+
+    width: int
+    height: int
+
+    @property
+    def sidebar(self) -> int:
+        """Columns of the sidebar; 0 hides it on a narrow terminal."""
+        return SIDEBAR_COLUMNS if self.width >= WITH_SIDEBAR_COLUMNS else 0
+
+    @property
+    def messages(self) -> int:
+        """Columns of the message area."""
+        return self.width - self.sidebar
+
+    @property
+    def body(self) -> int:
+        """Rows between the header and the status bar."""
+        return self.height - 3
+
+    @property
+    def names(self) -> int:
+        """Columns for the name (or the mark) before each message."""
+        return 12 if self.messages >= 64 else 8
+
+    @property
+    def text(self) -> int:
+        """Columns left for a message's text, after time, name, separator and a margin."""
+        return max(self.messages - TIME_COLUMNS - 1 - self.names - 3 - 1, 4)
+
+
+@dataclass
+class Row:
+    """One screen row of the message area: a line, and which part of its wrapped text."""
+
+    line: Line
+    text: str
+    first: bool  # the first row of a line shows its time and name
+
+
+def room_rows(room: Room, width: int, wanted: int) -> list[Row]:
+    """The wrapped rows of a room's newest lines: at least `wanted` of them, if there are so many."""
+    rows: list[Row] = []
+    for line in reversed(room.lines):
+        parts = wrap(line.text, width)
+        rows[:0] = [Row(line, part, index == 0) for index, part in enumerate(parts)]
+        if len(rows) >= wanted:
+            break
+    return rows
+
+
+def visible_rows(room: Room, layout: Layout) -> tuple[list[Row], int]:
+    """The rows on screen (oldest first) and the scroll offset, held inside the room's history."""
+    rows = room_rows(room, layout.text, layout.body + room.scroll_rows)
+    scroll = min(room.scroll_rows, max(0, len(rows) - layout.body))
+    end = len(rows) - scroll
+    return rows[max(0, end - layout.body):end], scroll
+
+
+def paint(pieces: list[tuple[Callable[[str], str], str]], width: int) -> str:
+    """Styled pieces of text in exactly width columns: clipped where they run out, padded after."""
+    out, left = [], width
+    for style, text in pieces:
+        text = clip(text, left)
+        left -= text_width(text)
+        out.append(style(text) if text else "")
+    return "".join(out) + " " * left
+
+
+def in_bold(term: blessed.Terminal, style: Callable[[str], str]) -> Callable[[str], str]:
+    """A style, in bold too (your own name)."""
+    return lambda text: term.bold + style(text)
+
+
+def dim(term: blessed.Terminal) -> Callable[[str], str]:
+    """Grey, for times and borders; plain on a terminal without bright colours.
+
+    On an 8-colour terminal (TERM=screen, linux) blessed cannot express grey or
+    colours 8-15 at all, and would send broken sequences instead.
+    """
+    return term.bright_black if term.number_of_colors >= 16 else str
+
+
+def username_style(term: blessed.Terminal, username: str) -> Callable[[str], str]:
+    """A username's colour, from the palette this terminal can show."""
+    palette = USERNAME_COLOURS if term.number_of_colors >= 16 else BASIC_USERNAME_COLOURS
+    return term.color(username_colour(username, palette))
+
+
+def header(term: blessed.Terminal, model: Model, width: int) -> str:
+    """The top row: current room, your name and the server; the connection state on the right."""
+    state = f" {model.state}" + (f": {model.state_detail} " if model.state_detail else " ")
+    state = clip(state, max(width // 2, 0))
+    colour = {"connected": term.black_on_green, "offline": term.white_on_red}.get(
+        model.state, term.black_on_yellow)
+    title = f" #{model.room} · {model.username} · {model.server}"
+    return paint([(term.reverse, fit(title, width - text_width(state))), (colour, state)], width)
+
+
+def message_row(term: blessed.Terminal, model: Model, row: Row, layout: Layout) -> str:
+    """One row of the message area: time, name or mark, separator, text."""
+    line = row.line
+    mark = line.username if line.kind == "message" else MARKS.get(line.kind, "--")
+    name_style = {"message": username_style(term, mark), "join": term.green, "leave": term.red,
+                  "error": term.bold_red}.get(line.kind, term.cyan)
+    if line.kind == "message" and mark.lower() == model.username.lower():
+        name_style = in_bold(term, name_style)
+    text_style = {"error": term.red, "system": term.cyan, "info": term.cyan}.get(line.kind, str)
+    return paint([(dim(term), f"{line.time if row.first else '':{TIME_COLUMNS}} "),
+                  (name_style, fit_right(mark if row.first else "", layout.names)),
+                  (dim(term), " │ "), (text_style, row.text)], layout.messages)
+
+
+def message_area(term: blessed.Terminal, model: Model, layout: Layout) -> tuple[list[str], int]:
+    """The message area, bottom-aligned, as one string per row; and the scroll offset used."""
+    rows, scroll = visible_rows(current_room(model), layout)
+    painted = [message_row(term, model, row, layout) for row in rows]
+    blank = " " * layout.messages
+    return [blank] * (layout.body - len(painted)) + painted, scroll
+
+
+def sidebar_entries(term: blessed.Terminal, model: Model, width: int) -> list[str]:
+    """The sidebar's content: your rooms with unread counts, then the current room's users."""
+    entries = [paint([(term.bold, "Rooms")], width)]
+    for name in sorted(model.rooms):
+        unread = model.rooms[name].unread
+        count = f" {unread}" if unread else ""
+        style = term.reverse if name == model.room else term.bold if unread else str
+        name_part = fit(f"#{name}", width - len(count))
+        entries.append(paint([(style, name_part), (term.bold_yellow, count)], width))
+    room = current_room(model)
+    entries += [" " * width, paint([(term.bold, f"Users ({room.user_count})")], width)]
+    for name in room.users:
+        style = username_style(term, name)
+        if name.lower() == model.username.lower():
+            style = in_bold(term, style)
+        entries.append(paint([(style, name)], width))
+    return entries
+
+
+def sidebar(term: blessed.Terminal, model: Model, layout: Layout) -> list[str]:
+    """The sidebar as one string per body row, behind a border; long lists end in "+N more"."""
+    width = layout.sidebar - 2
+    if width <= 0:
+        return [""] * layout.body
+    entries = sidebar_entries(term, model, width)
+    if len(entries) > layout.body:
+        hidden = len(entries) - layout.body + 1
+        entries = entries[:layout.body - 1] + [paint([(dim(term), f"+{hidden} more")], width)]
+    entries += [" " * width] * (layout.body - len(entries))
+    return [dim(term)("│") + " " + entry for entry in entries]
+
+
+def status_bar(term: blessed.Terminal, model: Model, layout: Layout, scroll: int) -> str:
+    """The row above the input: the scroll position, unread rooms (when the sidebar is hidden), hints."""
+    if scroll:
+        text = f" -- scrolled up {scroll} rows: PgDn goes back down --"
+    elif not layout.sidebar and any(room.unread for room in model.rooms.values()):
+        text = " unread: " + ", ".join(f"#{r.name} {r.unread}" for r in model.rooms.values() if r.unread)
+    else:
+        text = " Enter sends · Tab completes · PgUp/PgDn scroll · /help lists commands · /quit leaves"
+    return paint([(term.reverse, fit(text, layout.width))], layout.width)
+
+
+def input_window(text: str, cursor: int, width: int) -> tuple[str, str, str]:
+    """The visible part of the input line: (before the cursor, under it, after it), within width."""
+    under = text[cursor] if cursor < len(text) else " "
+    room = max(width - text_width(under), 0)
+    before = clip_start(text[:cursor], room)
+    after = clip(text[cursor + 1:], room - text_width(before))
+    return before, under, after
+
+
+def length_counter(model: Model) -> str:
+    """ n/limit while the line is near (or over) the server's length limit, else nothing."""
+    length, limit = len(model.input.text), model.limit_chars
+    return f" {length}/{limit}" if limit and length >= NEAR_LIMIT_FRACTION * limit else ""
+
+
+def input_row(term: blessed.Terminal, model: Model, width: int) -> str:
+    """The bottom row: a prompt with the current room, the line being typed and its cursor."""
+    prompt = f"#{model.room} › "
+    counter = length_counter(model)
+    counter_style = term.bold_red if len(model.input.text) > model.limit_chars else term.yellow
+    room = max(width - text_width(prompt) - len(counter), 1)
+    before, under, after = input_window(model.input.text, model.input.cursor, room)
+    pieces = [(term.bold, prompt), (str, before), (term.reverse, under), (str, after)]
+    left = paint(pieces, width - len(counter))
+    return left + paint([(counter_style, counter)], min(len(counter), width))
+
+
+def draw_screen(term: blessed.Terminal, model: Model, layout: Layout) -> tuple[str, int]:
+    """The whole screen as terminal output, and the scroll offset it used."""
+    if layout.width < MIN_COLUMNS or layout.height < MIN_ROWS:
+        return term.home + term.clear + "Terminal too small.", 0
+    messages, scroll = message_area(term, model, layout)
+    side = sidebar(term, model, layout)
+    out = [term.move_yx(0, 0) + header(term, model, layout.width)]
+    for y in range(layout.body):
+        out.append(term.move_yx(1 + y, 0) + messages[y] + side[y])
+    out.append(term.move_yx(layout.height - 2, 0) + status_bar(term, model, layout, scroll))
+    out.append(term.move_yx(layout.height - 1, 0) + input_row(term, model, layout.width))
+    return "".join(out), scroll
+
+
+# ---- 9. Split view: keys, commands, signals, terminal modes -----------------------
+
+
+class SplitView:
+    """The full-screen client: draws the model and turns keys into edits and commands."""
+
+    def __init__(self, term: blessed.Terminal, model: Model):
+        """Nothing drawn yet; the connection is attached before the run."""
+        self.term, self.model = term, model
+        self.connection: Connection | None = None
+        self.dirty = asyncio.Event()  # the model changed since the last redraw
+        self.clear_first = True  # a resize or Ctrl-L repaints from a blank screen
+        self.page_rows = 1  # message rows at the last redraw, for PgUp/PgDn
+        self.done = asyncio.Event()  # /quit, Ctrl-C or Ctrl-D
+        self.shell_modes = termios.tcgetattr(sys.stdin.fileno())  # the terminal as the shell had it
+
+    # -- drawing --
+
+    def show(self, lines: list[Line]) -> None:
+        """The model changed: redraw soon (a burst of events costs one redraw)."""
+        self.dirty.set()
+
+    def redraw(self) -> None:
+        """Paint the whole screen from the model."""
+        layout = Layout(self.term.width, self.term.height)
+        screen, scroll = draw_screen(self.term, self.model, layout)
+        current_room(self.model).scroll_rows = scroll  # scrolling stops at the oldest line
+        self.page_rows = max(layout.body, 1)
+        start = self.term.clear if self.clear_first else ""
+        self.clear_first = False
+        self.term.stream.write(start + screen)
+        self.term.stream.flush()
+
+    async def draw_forever(self) -> None:
+        """Redraw whenever the model changed."""
+        while True:
+            await self.dirty.wait()
+            self.dirty.clear()
+            self.redraw()
+
+    def repaint(self) -> None:
+        """Redraw from a blank screen (after a resize, or Ctrl-L)."""
+        self.clear_first = True
+        self.dirty.set()
+
+    def suspend(self) -> None:
+        """Ctrl-Z: give the terminal back to the shell, stop, and redraw when continued (fg)."""
+        term, keyboard = self.term, sys.stdin.fileno()
+        chat_modes = termios.tcgetattr(keyboard)
+        termios.tcsetattr(keyboard, termios.TCSADRAIN, self.shell_modes)
+        term.stream.write(term.exit_fullscreen + term.normal_cursor)
+        term.stream.flush()
+        os.kill(os.getpid(), signal.SIGSTOP)  # the process stops here until `fg`
+        termios.tcsetattr(keyboard, termios.TCSADRAIN, chat_modes)
+        term.stream.write(term.enter_fullscreen + term.hide_cursor)
+        self.repaint()
+
+    # -- keys --
+
+    async def read_keys(self) -> None:
+        """Handle keystrokes as they arrive, without ever blocking the loop.
+
+        The loop tells us when stdin is readable; inkey(timeout=0) then hands over
+        each complete keystroke and never waits for more (only a lone Esc waits
+        ESC_DELAY_SECONDS, to tell it from the start of an arrow key's sequence).
+        """
+        loop, keyboard, readable = asyncio.get_running_loop(), sys.stdin.fileno(), asyncio.Event()
+        loop.add_reader(keyboard, readable.set)
+        try:
+            while True:
+                await readable.wait()
+                readable.clear()
+                while key := self.term.inkey(timeout=0, esc_delay=ESC_DELAY_SECONDS):
+                    self.on_key(key)
+        finally:
+            loop.remove_reader(keyboard)
+
+    def on_key(self, key: blessed.keyboard.Keystroke) -> None:
+        """One keystroke: an action from KEY_ACTIONS, or a character to insert."""
+        line = self.model.input
+        if key.name != "KEY_TAB":
+            line.completion = None
+        action = KEY_ACTIONS.get(key.name) or KEY_ACTIONS.get(str(key))
+        if action is not None:
+            action(self)
+        elif key and not key.is_sequence:
+            line.insert(clean(str(key)))  # clean() drops control keys nobody bound
+        self.dirty.set()
+
+    def submit(self) -> None:
+        """Enter: /quit leaves; any other line goes to the server (or waits for the reconnect)."""
+        text = self.model.input.text
+        if not text.strip():
+            return
+        if text.strip().lower() in QUIT_COMMANDS:
+            return self.quit()
+        if self.connection.gave_up:
+            note(self.model, "Not connected, so nothing was sent. Type /quit to leave.", kind="error")
+            return
+        if not self.connection.logged_in:
+            note(self.model, "Not connected right now: the line goes out once we are back.")
+        current_room(self.model).scroll_rows = 0  # show the newest lines again
+        self.connection.send(self.model.input.take())
+
+    def scroll(self, pages: int) -> None:
+        """PgUp/PgDn: scroll the current room by (almost) a page."""
+        room = current_room(self.model)
+        room.scroll_rows = max(0, room.scroll_rows + pages * max(self.page_rows - 2, 1))
+
+    def switch_room(self, step: int) -> None:
+        """Ctrl-N/Ctrl-P: make the next/previous of your rooms current (a /join to the server)."""
+        names = sorted(self.model.rooms)
+        if self.connection.logged_in and self.model.room in names and len(names) > 1:
+            target = names[(names.index(self.model.room) + step) % len(names)]
+            self.connection.send(f"/join {target}")
+
+    def complete(self) -> None:
+        """Tab: complete a command, a room name or a username."""
+        line = self.model.input
+        line.complete(completion_pool(self.model, line.text[:line.cursor]))
+
+    def quit_if_empty(self) -> None:
+        """Ctrl-D: leave, but only on an empty line."""
+        if not self.model.input.text:
+            self.quit()
+
+    def quit(self) -> None:
+        """Leave the chat (the terminal is restored on the way out)."""
+        self.done.set()
+
+    # -- the whole run --
+
+    async def run(self) -> None:
+        """Handle keys, redraws and the connection until the user leaves.
+
+        A crash in a task (keys, drawing, connection) ends the run with its traceback;
+        the terminal modes are context managers, so the terminal is restored first.
+        """
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGWINCH, self.repaint)  # handlers run on the loop, between callbacks
+        loop.add_signal_handler(signal.SIGTSTP, self.suspend)
+        for signal_number in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signal_number, self.quit)
+        self.connection.start()
+        self.repaint()
+        tasks = {asyncio.create_task(self.read_keys()), asyncio.create_task(self.draw_forever()),
+                 self.connection.task, asyncio.create_task(self.done.wait())}
+        while not self.done.is_set():
+            finished, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in finished:
+                task.result()  # raises if the task crashed; the connection task may just end
+        for task in tasks - {self.connection.task}:
+            task.cancel()
+        await self.connection.close()
+
+
+def ctrl(letter: str) -> str:
+    """The character a Ctrl-letter key sends: ctrl("a") is "\\x01"."""
+    return chr(ord(letter) & 0x1F)
+
+
+# Keys by blessed's name (KEY_ENTER ...) or, for Ctrl-letters, by the character they send.
+KEY_ACTIONS: dict[str, Callable[[SplitView], None]] = {
+    "KEY_ENTER": SplitView.submit,
+    "KEY_TAB": SplitView.complete,
+    "KEY_BACKSPACE": lambda view: view.model.input.backspace(),
+    "KEY_DELETE": lambda view: view.model.input.delete(),
+    "KEY_LEFT": lambda view: view.model.input.move(-1),
+    "KEY_RIGHT": lambda view: view.model.input.move(1),
+    "KEY_HOME": lambda view: view.model.input.move(-len(view.model.input.text)),
+    "KEY_END": lambda view: view.model.input.move(len(view.model.input.text)),
+    ctrl("a"): lambda view: view.model.input.move(-len(view.model.input.text)),
+    ctrl("e"): lambda view: view.model.input.move(len(view.model.input.text)),
+    ctrl("w"): lambda view: view.model.input.delete_word(),
+    ctrl("u"): lambda view: view.model.input.set(""),
+    "KEY_UP": lambda view: view.model.input.history_back(),
+    "KEY_DOWN": lambda view: view.model.input.history_forward(),
+    "KEY_PGUP": lambda view: view.scroll(1),
+    "KEY_PGDOWN": lambda view: view.scroll(-1),
+    ctrl("n"): lambda view: view.switch_room(1),
+    ctrl("p"): lambda view: view.switch_room(-1),
+    ctrl("l"): SplitView.repaint,
+    ctrl("d"): SplitView.quit_if_empty,
+}
+
+
+class LogToMessageArea(logging.Handler):
+    """In the split view, log records (say, a Tornado warning) become error lines, not screen litter."""
+
+    def __init__(self, view: SplitView):
+        """Warnings and worse go to this view's message area."""
+        super().__init__(logging.WARNING)
+        self.view = view
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Show one log record as an error line."""
+        note(self.view.model, clean(f"{record.name}: {record.getMessage()}"), kind="error")
+        self.view.dirty.set()
+
+
+async def run_split(settings: Settings) -> int:
+    """The split view: log in, then take over the terminal until /quit, Ctrl-C or Ctrl-D."""
+    term = blessed.Terminal()
+    if not term.does_styling:  # NO_COLOR makes blessed send no sequences at all, not even cursor moves
+        print("client.py: the split view needs terminal sequences (is NO_COLOR set?); using plain line mode.",
+              file=sys.stderr)
+        return await run_plain(settings)
+    model = Model(settings.url, settings.username)
+    view = SplitView(term, model)
+    view.connection = Connection(settings, model, view.show, reconnect_after_shutdown=True)
+    await view.connection.connect_first()  # before the screen changes: errors print plainly
+    handler = LogToMessageArea(view)
+    logging.getLogger().addHandler(handler)
+    try:
+        with term.fullscreen(), term.cbreak(), term.hidden_cursor():
+            await view.run()
+    finally:
+        logging.getLogger().removeHandler(handler)
+    return 0
+
+
+# ---- 10. Main -----------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Pick the mode and run it; a failure to start is one sentence on stderr and exit code 1."""
+    settings = parse_settings(argv)
+    plain = settings.plain or not (sys.stdin.isatty() and sys.stdout.isatty())
+    try:
+        return asyncio.run(run_plain(settings) if plain else run_split(settings))
+    except ClientError as error:
+        print(f"client.py: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C before the chat started
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

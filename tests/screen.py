@@ -1,0 +1,232 @@
+"""Helpers for the client's end-to-end tests: a server process, and a client in a pseudo-terminal.
+
+A `Screen` runs `client.py` in a real pseudo-terminal (ptyprocess) and reads what it
+draws through a terminal emulator (pyte), so a test can assert what a person would
+see. A background thread feeds the emulator; pyte's replies to the terminal queries
+blessed makes at start-up go back to the client, as a real terminal's would.
+
+Every wait polls with a short timeout: nothing sleeps a fixed time.
+"""
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import termios
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyte
+import tornado.web
+import tornado.websocket
+from ptyprocess import PtyProcess
+from wcwidth import wcswidth
+
+ROOT = Path(__file__).resolve().parent.parent
+WAIT_SECONDS = 5.0
+POLL_SECONDS = 0.02
+CLIENT_ENV = {"TERM": "xterm-256color", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "TZ": "UTC"}
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = WAIT_SECONDS,
+             what: Callable[[], str] = lambda: "") -> object:
+    """Poll until predicate() is truthy and return its value; fail after timeout seconds.
+
+    `what` describes the wait in the failure message; it is called only on failure,
+    so it can show the state at that moment (the screen, say).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what() or predicate}")
+        time.sleep(POLL_SECONDS)
+
+
+def client_env(**extra: str) -> dict:
+    """The environment a client runs in: a UTF-8 xterm, UTC, no NO_COLOR."""
+    env = {key: value for key, value in os.environ.items() if key not in ("NO_COLOR", "COLUMNS", "LINES")}
+    return {**env, **CLIENT_ENV, **extra}
+
+
+def start_server(port: int, *flags: str) -> subprocess.Popen:
+    """Start `python chat.py --port=N FLAGS` and return once it accepts connections."""
+    from conftest import wait_for_port  # the shared helper; conftest is importable from tests/
+
+    process = subprocess.Popen([sys.executable, str(ROOT / "chat.py"), f"--port={port}", *flags],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    wait_for_port(port, process)
+    return process
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    """Kill a server process (if it still runs) and reap it."""
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=WAIT_SECONDS)
+
+
+class Screen:
+    """One client.py in a pseudo-terminal, and the screen a person would see."""
+
+    def __init__(self, *args: str, rows: int = 24, cols: int = 100):
+        """Start `python client.py ARGS` in a terminal of rows x cols."""
+        self.screen = pyte.Screen(cols, rows)
+        self.stream = pyte.ByteStream(self.screen)
+        self.raw = bytearray()  # everything the client wrote, for checks pyte cannot make
+        self.lock = threading.Lock()
+        self.proc = PtyProcess.spawn([sys.executable, str(ROOT / "client.py"), *args],
+                                     cwd=str(ROOT), env=client_env(), dimensions=(rows, cols))
+        # blessed asks the terminal questions at start-up; pyte's answers must reach it.
+        self.screen.write_process_input = lambda data: self.proc.write(data.encode())
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        """Background thread: feed everything the client writes to the emulator."""
+        while True:
+            try:
+                data = self.proc.read(65536)
+            except EOFError:
+                return
+            with self.lock:
+                self.raw += data
+                self.stream.feed(data)
+
+    # -- what a person sees --
+
+    def lines(self) -> list[str]:
+        """The screen, one string per row."""
+        with self.lock:
+            return list(self.screen.display)
+
+    def text(self) -> str:
+        """The screen as one string."""
+        return "\n".join(self.lines())
+
+    def header(self) -> str:
+        """The top row."""
+        return self.lines()[0]
+
+    def input_line(self) -> str:
+        """The bottom row."""
+        return self.lines()[-1]
+
+    def shows(self, text: str) -> bool:
+        """Whether text appears anywhere on the screen."""
+        return text in self.text()
+
+    def wait_for_text(self, text: str, timeout: float = WAIT_SECONDS) -> None:
+        """Wait until text appears on the screen."""
+        wait_for(lambda: self.shows(text), timeout, lambda: f"{text!r} on screen:\n{self.text()}")
+
+    def cursor_hidden(self) -> bool:
+        """Whether the terminal's cursor is hidden."""
+        with self.lock:
+            return self.screen.cursor.hidden
+
+    # -- what a person does --
+
+    def type(self, text: str) -> None:
+        """Type keys (no Enter)."""
+        self.proc.write(text.encode())
+
+    def send(self, line: str) -> None:
+        """Type a line and press Enter."""
+        self.type(line + "\r")
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Resize the terminal, as dragging the window corner would."""
+        with self.lock:
+            self.screen.resize(rows, cols)
+        self.proc.setwinsize(rows, cols)
+
+    # -- the end --
+
+    def wait_exit(self, timeout: float = WAIT_SECONDS) -> int:
+        """Wait for the client to exit; return its exit status."""
+        wait_for(lambda: not self.proc.isalive(), timeout, lambda: f"the client to exit:\n{self.text()}")
+        self.reader.join(timeout)
+        return self.proc.exitstatus
+
+    def terminal_modes(self) -> list:
+        """The pseudo-terminal's termios modes (echo, canonical input ...), as the client left them."""
+        return termios.tcgetattr(self.proc.fd)
+
+    def close(self) -> None:
+        """Stop the client if it still runs."""
+        if self.proc.isalive():
+            self.proc.terminate(force=True)
+        self.proc.close(force=True)
+
+
+def display_width(text: str) -> int:
+    """Columns a row of the screen takes (wide characters count two)."""
+    return wcswidth(text)
+
+
+class ScriptedServer:
+    """A stand-in chat server in a thread: every login gets the events a test scripts.
+
+    It echoes each line back as a message from the logged-in user, as chat.py does,
+    so a plain-mode client knows its line arrived. Tests use it to send what the
+    real server never would (control characters, say).
+    """
+
+    def __init__(self, events: list[dict]):
+        """Start listening on a free port, in a thread with its own loop."""
+        from conftest import free_port
+
+        self.port, self.events = free_port(), events
+        self.started = threading.Event()
+        self.thread = threading.Thread(target=asyncio.run, args=(self._serve(),), daemon=True)
+        self.thread.start()
+        assert self.started.wait(WAIT_SECONDS), "the scripted server did not start"
+
+    async def _serve(self) -> None:
+        """The server's own loop: listen until stop()."""
+        events = self.events
+
+        class Scripted(tornado.websocket.WebSocketHandler):
+            """One login: the scripted events, then an echo for every line."""
+
+            def open(self) -> None:
+                """Send the script."""
+                for event in events:
+                    self.write_message(json.dumps(event))
+
+            def on_message(self, line: str) -> None:
+                """Echo the line, as chat.py would."""
+                echo = {"type": "message", "timestamp": "2026-11-25T19:48:04.123Z", "room": "lobby",
+                        "username": events[0]["username"], "text": line}
+                self.write_message(json.dumps(echo))
+
+        self.loop, self.stopping = asyncio.get_running_loop(), asyncio.Event()
+        server = tornado.web.Application([(r"/ws", Scripted)]).listen(self.port, "127.0.0.1")
+        self.started.set()
+        await self.stopping.wait()
+        server.stop()
+
+    def stop(self) -> None:
+        """Stop listening and end the thread."""
+        self.loop.call_soon_threadsafe(self.stopping.set)
+        self.thread.join(WAIT_SECONDS)
+
+
+# What a hostile server could send: every field carries something that would drive
+# a terminal (clear screen, set the title with OSC ... BEL, C1 CSI, bidi override).
+HOSTILE = "\x1b[2J\x1b]0;PWNED\x07\x9b31m\u202eevil\x7f"
+HOSTILE_EVENTS = [
+    {"type": "welcome", "username": "carol" + HOSTILE, "room": "lobby", "rooms": ["lobby", "x" + HOSTILE],
+     "token": "t", "limits": {"max_message_chars": 500}},
+    {"type": "joined", "room": "lobby", "users": ["bob" + HOSTILE, "carol"], "user_count": 2},
+    {"type": "message", "timestamp": HOSTILE, "username": "bob" + HOSTILE, "room": "lobby", "text": "hi " + HOSTILE},
+    {"type": "system", "timestamp": "2026-11-25T19:48:04Z", "text": "notice " + HOSTILE, "room": "lobby"},
+    {"type": "error", "code": "bad" + HOSTILE, "text": "refused " + HOSTILE},
+    {"type": "rooms", "rooms": [{"name": "r" + HOSTILE, "users": HOSTILE}]},
+]

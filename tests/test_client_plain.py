@@ -1,0 +1,176 @@
+"""client.py in plain line mode, over pipes, against the real server in its own process.
+
+Plain mode is what `printf '/join x\\nhello\\n' | python client.py dave` runs: lines
+in, one printed line per event out, a clean exit at the end of input.
+"""
+
+import json
+import re
+import subprocess
+import sys
+import threading
+import urllib.request
+
+import pytest
+from conftest import ROOT, free_port
+from screen import HOSTILE_EVENTS, WAIT_SECONDS, ScriptedServer, client_env, wait_for
+
+TIME = r"\[\d\d:\d\d:\d\d\]"
+
+
+def run_client(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    """Run client.py with its stdin from a pipe, to the end."""
+    return subprocess.run([sys.executable, str(ROOT / "client.py"), *args], input=stdin, capture_output=True,
+                          text=True, timeout=20, env=client_env(), cwd=ROOT, check=False)
+
+
+def online_users(port: int) -> list[str]:
+    """The users the server counts as online, from GET /status."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=WAIT_SECONDS) as response:
+        return json.load(response)["users"]
+
+
+class Listener:
+    """A plain-mode client whose stdin stays open: it reads what arrives until told to stop."""
+
+    def __init__(self, username: str, port: int):
+        """Start the client and wait until it is in the lobby."""
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "client.py"), username, f"--port={port}"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=client_env(), cwd=ROOT)
+        self.output: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        self.wait_for_line(r"^\* Now in #lobby")
+
+    def _read(self) -> None:
+        """Background thread: collect stdout lines."""
+        for line in self.proc.stdout:
+            self.output.append(line.rstrip("\n"))
+
+    def wait_for_line(self, pattern: str) -> str:
+        """Wait until a printed line matches the regular expression; return it."""
+        def match() -> str | None:
+            """The first matching line so far, if any."""
+            return next((line for line in list(self.output) if re.search(pattern, line)), None)
+        return wait_for(match, what=lambda: f"a line like {pattern!r} in {self.output}")
+
+    def say(self, line: str) -> None:
+        """Type one line."""
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def end_input(self) -> int:
+        """Close stdin, as Ctrl-D would; return the exit code."""
+        self.proc.stdin.close()
+        return self.proc.wait(timeout=WAIT_SECONDS * 2)
+
+
+@pytest.fixture
+def server(chat_process) -> int:
+    """A chat server in its own process; its port."""
+    return chat_process()[1]
+
+
+@pytest.fixture
+def bob(server):
+    """bob, connected in plain mode and listening in the lobby."""
+    listener = Listener("bob", server)
+    yield listener
+    if listener.proc.poll() is None:
+        listener.proc.kill()
+    listener.proc.wait()
+
+
+def test_piped_lines_are_sent_and_the_client_exits_cleanly_at_end_of_input(server):
+    """`printf '/join x\\nhello\\n' | client.py dave --plain`: dave joins x, says hello, exits 0."""
+    result = run_client("dave", "--plain", f"--port={server}", stdin="/join x\nhello\n")
+    assert result.returncode == 0, result.stderr
+    assert "* Now in #x with dave." in result.stdout.splitlines()
+    assert re.search(rf"^{TIME} #x <dave> hello$", result.stdout, re.MULTILINE)
+    assert result.stderr == ""
+
+
+def test_plain_mode_is_automatic_when_stdin_and_stdout_are_pipes(server):
+    """Without --plain, pipes still get plain line mode."""
+    result = run_client("dave", f"--port={server}", stdin="hello\n")
+    assert result.returncode == 0 and re.search(rf"{TIME} #lobby <dave> hello", result.stdout)
+
+
+def test_the_username_is_free_again_as_soon_as_the_client_exits(server):
+    """At end of input the client says goodbye with a close frame, so the server frees the name at once."""
+    assert run_client("dave", f"--port={server}", stdin="hello\n").returncode == 0
+    assert "dave" not in online_users(server)
+    assert run_client("dave", f"--port={server}", stdin="again\n").returncode == 0
+
+
+def test_another_users_message_and_arrival_print_as_one_line_each(bob, server):
+    """bob sees dave arrive and speak: `[12:01:02] #lobby * dave joined #lobby`, `... <dave> hi bob`."""
+    run_client("dave", f"--port={server}", stdin="hi bob\n")
+    bob.wait_for_line(rf"^{TIME} #lobby \* dave joined #lobby$")
+    bob.wait_for_line(rf"^{TIME} #lobby <dave> hi bob$")
+    assert bob.end_input() == 0
+
+
+def test_a_refused_line_prints_the_servers_error(chat_process):
+    """An error event prints as `! code: sentence`, and the client goes on."""
+    _, port = chat_process("--max-message-length=10")
+    result = run_client("dave", f"--port={port}", stdin="this is far too long\nshort\n")
+    assert re.search(r"^! message_too_long: .*limit is 10", result.stdout, re.MULTILINE)
+    assert re.search(rf"{TIME} #lobby <dave> short", result.stdout) and result.returncode == 0
+
+
+def test_quit_ends_the_session_and_ignores_the_rest_of_the_input(server):
+    """/quit is the client's own command: nothing after it is sent."""
+    result = run_client("dave", f"--port={server}", stdin="one\n/quit\ntwo\n")
+    assert result.returncode == 0 and "<dave> one" in result.stdout and "<dave> two" not in result.stdout
+
+
+def test_a_taken_username_is_one_clear_sentence_and_a_failure(bob, server):
+    """Connecting as `Bob` while bob is online: one line on stderr, exit code 1, no traceback."""
+    result = run_client("Bob", f"--port={server}")
+    assert result.returncode == 1 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and "taken" in result.stderr
+
+
+def test_an_invalid_username_is_one_clear_sentence_and_a_failure(server):
+    """A name the server refuses is explained in one line."""
+    result = run_client("no spaces!", f"--port={server}")
+    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1
+    assert "not a valid username" in result.stderr
+
+
+def test_an_unreachable_server_is_one_clear_sentence_and_a_failure():
+    """Nothing listening: one line naming the server, exit code 1, no traceback."""
+    port = free_port()
+    result = run_client("dave", f"--port={port}")
+    sentence = (f"client.py: Cannot reach the chat server at ws://localhost:{port}/ws: "
+                "connection refused (is the server running?).")
+    assert result.returncode == 1 and result.stderr.splitlines() == [sentence]
+
+
+def test_a_server_shutdown_ends_plain_mode_with_a_note(chat_process):
+    """When the server shuts down, a plain client prints the notices and exits with code 1."""
+    process, port = chat_process()
+    listener = Listener("bob", port)
+    process.terminate()  # SIGTERM: the server says goodbye and closes with 1001
+    assert listener.proc.wait(timeout=WAIT_SECONDS) == 1
+    listener.wait_for_line(rf"^{TIME} \* The server is shutting down")
+    listener.wait_for_line(r"^! Disconnected: the server is shutting down\.$")
+
+
+def test_control_characters_from_the_server_never_reach_the_output():
+    """Whatever a (hostile) server sends, plain mode prints no control or bidi characters."""
+    hostile = ScriptedServer(HOSTILE_EVENTS)
+    try:
+        result = run_client("carol", f"--port={hostile.port}", stdin="hello\n")
+    finally:
+        hostile.stop()
+    assert result.returncode == 0 and "<bob[2J]0;PWNED31mevil> hi [2J]0;PWNED31mevil" in result.stdout
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]", result.stdout)
+
+
+@pytest.mark.parametrize("flag", ["--url", "--host", "--port", "--plain", "8888", "/join <room>", "PgUp"])
+def test_help_explains_every_flag_and_the_keys(flag):
+    """`client.py --help` lists the flags (with defaults), the commands and the keys."""
+    result = run_client("--help")
+    assert result.returncode == 0 and flag in result.stdout

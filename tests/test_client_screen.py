@@ -1,0 +1,280 @@
+"""The split view in a real pseudo-terminal: what carol and bob see on their screens.
+
+Each client runs `python client.py NAME` in its own pseudo-terminal against the real
+server in its own process; a terminal emulator (pyte) turns the output into the
+screen a person would see, and the tests read it like a person would.
+"""
+
+import os
+import signal
+import termios
+
+import pytest
+from conftest import free_port
+from screen import HOSTILE_EVENTS, Screen, ScriptedServer, display_width, start_server, stop_server, wait_for
+
+import client
+
+ROWS, COLS = 24, 100
+PAGE_UP, UP, TAB, CTRL_C, CTRL_Z = "\x1b[5~", "\x1b[A", "\t", "\x03", "\x1a"
+
+
+@pytest.fixture
+def screens():
+    """Start split-view clients; every one is stopped at the end of the test."""
+    started = []
+
+    def start(username: str, port: int, rows: int = ROWS, cols: int = COLS) -> Screen:
+        """Start one client and wait until it is connected."""
+        screen = Screen(username, f"--port={port}", rows=rows, cols=cols)
+        started.append(screen)
+        screen.wait_for_text("connected")
+        return screen
+
+    yield start
+    for screen in started:
+        screen.close()
+
+
+@pytest.fixture
+def port(chat_process) -> int:
+    """A chat server (no rate limit, so tests may type fast); its port."""
+    return chat_process("--rate-per-second=0")[1]
+
+
+@pytest.fixture
+def carol_and_bob(screens, port) -> tuple[Screen, Screen]:
+    """carol and bob, both in the lobby, each in a terminal of their own."""
+    carol = screens("carol", port)
+    bob = screens("bob", port)
+    carol.wait_for_text("bob joined #lobby")
+    return carol, bob
+
+
+def sidebar(screen: Screen) -> list[str]:
+    """The sidebar's rows, as text."""
+    return [row[-client.SIDEBAR_COLUMNS:].strip("│ ") for row in screen.lines()[1:-2]]
+
+
+def test_the_header_shows_the_room_the_username_the_server_and_the_state(screens, port):
+    """The top row names the current room, you, the server, and that you are connected."""
+    carol = screens("carol", port)
+    header = carol.header()
+    assert header.startswith(f" #lobby · carol · ws://localhost:{port}/ws") and header.rstrip().endswith("connected")
+
+
+def test_a_message_typed_by_one_user_appears_in_the_others_message_area(carol_and_bob):
+    """bob types a line and presses Enter; carol sees it with the time and bob's name."""
+    carol, bob = carol_and_bob
+    bob.send("hello carol")
+    carol.wait_for_text("bob │ hello carol")
+    bob.wait_for_text("bob │ hello carol")  # the sender sees the echo too
+
+
+def test_the_sidebar_lists_the_rooms_and_both_users(carol_and_bob):
+    """The sidebar shows your rooms and the users of the current room."""
+    carol, _ = carol_and_bob
+    wait_for(lambda: sidebar(carol)[:6] == ["Rooms", "#lobby", "", "Users (2)", "bob", "carol"],
+             what=lambda: carol.text())
+
+
+def test_join_switches_the_header_to_the_new_room(carol_and_bob):
+    """After /join general, the header and the prompt name #general."""
+    carol, _ = carol_and_bob
+    carol.send("/join general")
+    wait_for(lambda: carol.header().startswith(" #general · carol") and carol.input_line().startswith("#general ›")
+             and carol.shows("Now in #general with carol."), what=lambda: carol.text())
+
+
+def test_messages_in_another_room_are_counted_as_unread_and_kept(carol_and_bob):
+    """bob talks in #general while carol looks at the lobby: the sidebar counts 2; switching shows them."""
+    carol, bob = carol_and_bob
+    bob.send("/join general")
+    wait_for(lambda: bob.header().startswith(" #general"))
+    carol.send("/join general")
+    carol.wait_for_text("Now in #general with bob, carol.")
+    carol.send("/join lobby")
+    wait_for(lambda: carol.header().startswith(" #lobby"))
+    bob.send("first in general")
+    bob.send("second in general")
+    wait_for(lambda: "#general           2" in sidebar(carol), what=lambda: carol.text())
+    carol.send("/join general")
+    wait_for(lambda: carol.shows("first in general") and carol.shows("second in general")
+             and "#general" in sidebar(carol), what=lambda: carol.text())
+
+
+def test_a_resize_redraws_the_screen_for_the_new_size(carol_and_bob):
+    """Shrinking the terminal redraws it: header on top, input at the bottom, no sidebar when narrow."""
+    carol, bob = carol_and_bob
+    bob.send("a message long enough to wrap when the terminal gets narrow, as it will in a moment")
+    carol.wait_for_text("a message long enough")
+    carol.resize(12, 50)
+    wait_for(lambda: carol.header().startswith(" #lobby · carol") and carol.lines()[-1].startswith("#lobby ›")
+             and "Rooms" not in carol.text() and carol.shows("moment"), what=lambda: carol.text())
+    assert all(display_width(row) <= 50 for row in carol.lines())
+    carol.resize(ROWS, COLS)
+    wait_for(lambda: "Rooms" in sidebar(carol), what=lambda: carol.text())
+
+
+def test_wide_characters_do_not_break_the_layout(carol_and_bob):
+    """CJK and emoji take two columns each: rows still end at the sidebar's border."""
+    carol, bob = carol_and_bob
+    bob.send("你好世界🎉 " * 12)
+    carol.wait_for_text("你好世界🎉")
+    border = COLS - client.SIDEBAR_COLUMNS
+    for row in carol.lines()[1:-2]:
+        assert display_width(row[:row.rindex("│")]) == border, row
+
+
+def test_server_errors_show_in_the_message_area_in_red(carol_and_bob):
+    """/leave in your only room is refused; the error is visible, and red."""
+    carol, _ = carol_and_bob
+    carol.send("/leave")
+    carol.wait_for_text("!! │ last_room: You cannot leave #lobby")
+    row = next(y for y, line in enumerate(carol.lines()) if "last_room" in line)
+    x = carol.lines()[row].index("last_room")
+    assert carol.screen.buffer[row][x].fg == "red"
+
+
+def test_a_length_counter_appears_near_the_limit(screens, chat_process):
+    """Near welcome.limits.max_message_chars, the input line shows n/limit."""
+    _, port = chat_process("--max-message-length=20")
+    carol = screens("carol", port)
+    carol.type("x" * 15)
+    wait_for(lambda: "x" * 15 in carol.input_line())
+    assert "/20" not in carol.input_line()
+    carol.type("x" * 2)
+    wait_for(lambda: carol.input_line().rstrip().endswith("17/20"), what=lambda: carol.input_line())
+
+
+def test_tab_completes_commands_and_up_recalls_the_last_line(carol_and_bob):
+    """Tab turns /jo into /join; Up brings back what was sent."""
+    carol, _ = carol_and_bob
+    carol.type("/jo" + TAB)
+    wait_for(lambda: carol.input_line().startswith("#lobby › /join "), what=lambda: carol.input_line())
+    carol.send("general")
+    wait_for(lambda: carol.header().startswith(" #general"))
+    carol.type(UP)
+    wait_for(lambda: carol.input_line().startswith("#general › /join general"), what=lambda: carol.input_line())
+
+
+def test_ctrl_keys_edit_the_line_and_ctrl_d_on_an_empty_line_leaves(screens, port):
+    """Ctrl-W deletes a word, Ctrl-A goes home, Ctrl-U clears the line; Ctrl-D on an empty line quits."""
+    carol = screens("carol", port)
+    carol.type("one two three" + client.ctrl("w"))
+    wait_for(lambda: carol.input_line().rstrip() == "#lobby › one two", what=lambda: carol.input_line())
+    carol.type(client.ctrl("a") + ">")
+    wait_for(lambda: carol.input_line().rstrip() == "#lobby › >one two", what=lambda: carol.input_line())
+    carol.type(client.ctrl("u"))
+    wait_for(lambda: carol.input_line().rstrip() == "#lobby ›", what=lambda: carol.input_line())
+    carol.type(client.ctrl("d"))
+    assert carol.wait_exit() == 0
+
+
+def test_page_up_scrolls_back_through_the_room(carol_and_bob):
+    """PgUp shows older lines and says so in the status bar."""
+    carol, bob = carol_and_bob
+    for number in range(40):
+        bob.send(f"line {number}")
+    carol.wait_for_text("line 39")
+    assert not carol.shows("line 5 ")
+    carol.type(PAGE_UP)
+    carol.wait_for_text("scrolled up")
+    assert carol.shows("line 5 ") and not carol.shows("line 39")
+
+
+def terminal_is_restored(screen: Screen) -> bool:
+    """Alternate screen left, cursor shown again, echo and line editing back on."""
+    modes = screen.terminal_modes()[3]
+    left_fullscreen = screen.raw.rfind(b"\x1b[?1049l") > screen.raw.rfind(b"\x1b[?1049h")
+    return left_fullscreen and not screen.cursor_hidden() and bool(modes & termios.ECHO and modes & termios.ICANON)
+
+
+def test_quit_exits_and_restores_the_terminal(screens, port):
+    """/quit: exit code 0, the terminal as it was before."""
+    carol = screens("carol", port)
+    carol.send("/quit")
+    assert carol.wait_exit() == 0 and terminal_is_restored(carol)
+
+
+def test_ctrl_c_exits_and_restores_the_terminal(screens, port):
+    """Ctrl-C leaves just as cleanly."""
+    carol = screens("carol", port)
+    carol.type(CTRL_C)
+    assert carol.wait_exit() == 0 and terminal_is_restored(carol)
+
+
+def test_after_a_server_restart_the_client_logs_in_afresh_and_rejoins_its_rooms(screens):
+    """The server dies and comes back: the header says reconnecting, then carol is back in #general."""
+    port = free_port()
+    server = start_server(port)
+    try:
+        carol = screens("carol", port, cols=160)  # wide enough for the notice on one row
+        carol.send("/join general")
+        wait_for(lambda: carol.header().startswith(" #general"))
+        stop_server(server)
+        wait_for(lambda: "reconnecting" in carol.header(), what=lambda: carol.text())
+        server = start_server(port)
+        carol.wait_for_text("logging in afresh as carol, then rejoining #general", timeout=15)
+        wait_for(lambda: carol.header().startswith(" #general") and "connected" in carol.header(),
+                 what=lambda: carol.text())
+    finally:
+        stop_server(server)
+
+
+def test_a_server_shutdown_is_noted_and_the_client_keeps_trying(screens):
+    """A graceful shutdown (1001) shows the server's goodbye, and the split view tries to reconnect."""
+    port = free_port()
+    server = start_server(port)
+    try:
+        carol = screens("carol", port)
+        server.send_signal(signal.SIGTERM)
+        carol.wait_for_text("The server is shutting down")
+        carol.wait_for_text("!! │ Disconnected: the server is shutting down.")
+        wait_for(lambda: "reconnecting" in carol.header(), what=lambda: carol.text())
+    finally:
+        stop_server(server)
+
+
+def process_state(pid: int) -> str:
+    """The process's state letter from /proc: R running, S sleeping, T stopped."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rpartition(")")[2].split()[0]
+
+
+def test_ctrl_z_gives_the_terminal_back_and_continuing_redraws(screens, port):
+    """Ctrl-Z restores the terminal before the client stops; `fg` (SIGCONT) brings the screen back."""
+    carol = screens("carol", port)
+    carol.type("half a line")
+    wait_for(lambda: "half a line" in carol.input_line())
+    carol.type(CTRL_Z)
+    wait_for(lambda: process_state(carol.proc.pid) == "T", what=lambda: process_state(carol.proc.pid))
+    wait_for(lambda: terminal_is_restored(carol))  # the reader thread may still be catching up
+    os.kill(carol.proc.pid, signal.SIGCONT)  # what the shell's `fg` does
+    wait_for(lambda: carol.raw.rfind(b"\x1b[?1049h") > carol.raw.rfind(b"\x1b[?1049l"))
+    carol.type(" and the rest\r")
+    carol.wait_for_text("carol │ half a line and the rest")
+
+
+def test_an_idle_timeout_is_final_and_says_so_in_the_header(screens, chat_process):
+    """Closed for idling (4008), the client does not reconnect; the header says offline; /quit still works."""
+    _, port = chat_process("--idle-timeout=1")
+    carol = screens("carol", port)
+    wait_for(lambda: "offline: you were idle for too long" in carol.header(), what=lambda: carol.text())
+    carol.wait_for_text("Disconnected after 1 s without a message.")
+    carol.send("/quit")
+    assert carol.wait_exit() == 0
+
+
+def test_control_characters_from_the_server_never_reach_the_terminal(screens):
+    """A hostile server's escape sequences, BEL, C1 and bidi controls are shown as harmless text."""
+    hostile = ScriptedServer(HOSTILE_EVENTS)
+    try:
+        carol = screens("carol", hostile.port)
+        carol.wait_for_text("hi [2J]0;PWNED31mevil")
+        carol.send("/quit")
+        assert carol.wait_exit() == 0
+    finally:
+        hostile.stop()
+    assert b"\x1b]" not in carol.raw and b"\x07" not in carol.raw  # no OSC (window title), no BEL
+    assert "\u202e".encode() not in carol.raw and "\x9b".encode() not in carol.raw
