@@ -451,9 +451,12 @@ class RoomManager:
 
     def check_new_username(self, username: str) -> None:
         """Refuse a missing, invalid or taken username, or a full server."""
+        if not username:
+            raise Refusal("bad_username", "A username is required: connect to /ws?username=NAME.",
+                          CLOSE_BAD_USERNAME)
         if not is_valid_username(username):
             raise Refusal("bad_username", f"{username!r} is not a valid username: use 1-20 letters, "
-                          "digits, _ or - (connect to /ws?username=NAME).", CLOSE_BAD_USERNAME)
+                          "digits, _ or -.", CLOSE_BAD_USERNAME)
         held = self.users.get(fold(username))
         if held is not None:
             why = "is reconnecting" if held.connection is None else "is online"

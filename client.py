@@ -49,6 +49,7 @@ import signal
 import sys
 import termios
 import threading
+import time
 import zlib
 from collections import deque
 from collections.abc import Callable
@@ -315,6 +316,7 @@ class Model:
     left_rooms: dict[str, Room] = field(default_factory=dict)  # rooms we left: their scrollback comes back
     known_rooms: set[str] = field(default_factory=set)  # from /rooms replies, for Tab completion
     limit_chars: int = 0  # welcome.limits.max_message_chars; 0 = no limit
+    rate: "Pacer | None" = None  # the server's rate limit, from welcome: pasted lines are paced by it
     state: str = "connecting"  # connecting, connected, reconnecting or offline
     state_detail: str = ""  # e.g. "in 2 s (attempt 3)", shown after the state
     input: "InputLine" = field(default_factory=lambda: InputLine())
@@ -384,6 +386,7 @@ def on_welcome(model: Model, event: dict) -> list[Line]:
     model.room = clean(event.get("room")) or (rooms[-1] if rooms else LOBBY)
     limits = event.get("limits") if isinstance(event.get("limits"), dict) else {}
     model.limit_chars = whole_number(limits.get("max_message_chars"))
+    model.rate = Pacer.from_limits(limits)
     set_state(model, "connected")
     return [note(model, welcome_text(model, event))]
 
@@ -703,6 +706,33 @@ def login_url(url: str, username: str, token: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
+@dataclass
+class Pacer:
+    """The server's rate limit, kept a little under: pasted or piped lines wait their turn, not refused."""
+
+    per_second: float
+    burst: float
+    tokens: float
+    updated_at: float = 0.0
+
+    @classmethod
+    def from_limits(cls, limits: dict) -> "Pacer | None":
+        """From welcome's limits: 10% slower and a smaller burst than the server's, for safety."""
+        rate, burst = limits.get("rate_per_second"), limits.get("rate_burst")
+        if not isinstance(rate, int | float) or not isinstance(burst, int | float) or rate <= 0:
+            return None  # no limit, or none we understand
+        return cls(0.9 * rate, max(1.0, burst - 2), 0.0)
+
+    def wait(self, now: float) -> float:
+        """Seconds until the next line may go (0: now, and it is counted)."""
+        self.tokens = min(self.burst, self.tokens + (now - self.updated_at) * self.per_second)
+        self.updated_at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.per_second
+
+
 class Connection:
     """The link to the server: log in, read events into the model, send lines, reconnect."""
 
@@ -714,7 +744,8 @@ class Connection:
         self.ws: tornado.websocket.WebSocketClientConnection | None = None  # None while disconnected
         self.token = ""  # from welcome: a reconnect with it resumes the session
         self.logged_in = False  # welcome and its joined have arrived on the live connection
-        self.outbox: list[str] = []  # lines typed while not logged in, sent once we are
+        self.outbox: list[str] = []  # lines typed, waiting for a login or for the rate limit
+        self.pump_timer: asyncio.TimerHandle | None = None  # set while the rate limit holds lines back
         self.rejoin: list[str] = []  # rooms of a lost session, joined again after a fresh login
         self.unanswered = 0  # lines sent that have had no echo or reply yet
         self.settled = asyncio.Event()  # set while nothing waits to be sent or answered
@@ -840,7 +871,7 @@ class Connection:
         elif kind == "joined" and not self.logged_in:
             self.logged_in = True  # the joined after welcome: now lines go in order
             self.outbox[:0], self.rejoin = [f"/join {name}" for name in self.rejoin], []
-            self.flush_outbox()
+            self.pump()
         elif is_reply(event, self.model.username):
             self.unanswered = max(0, self.unanswered - 1)
         lines = apply_event(self.model, event)
@@ -848,12 +879,9 @@ class Connection:
         self.show(lines)
 
     def send(self, line: str) -> None:
-        """Send a typed line now, or keep it until we are logged in (again)."""
-        if self.logged_in:
-            self.write(line)
-        else:
-            self.outbox.append(line)
-        self.update_settled()
+        """Queue a typed line; it goes out as soon as we are logged in and the rate allows."""
+        self.outbox.append(line)
+        self.pump()
 
     def write(self, line: str) -> None:
         """Put one line on the wire; count it until its reply arrives."""
@@ -865,11 +893,20 @@ class Connection:
         written.add_done_callback(lambda future: future.cancelled() or future.exception())
         self.unanswered += 1
 
-    def flush_outbox(self) -> None:
-        """Send the lines typed while we were not logged in, in order."""
-        lines, self.outbox = self.outbox, []
-        for line in lines:
-            self.write(line)
+    def pump(self) -> None:
+        """Send queued lines, in order, as fast as the server's rate limit allows."""
+        while self.logged_in and self.outbox and not self.pump_timer:
+            delay = self.model.rate.wait(time.monotonic()) if self.model.rate else 0.0
+            if delay:  # a timer callback sends the rest: never a sleep
+                self.pump_timer = asyncio.get_running_loop().call_later(delay, self.pump_later)
+                break
+            self.write(self.outbox.pop(0))
+        self.update_settled()
+
+    def pump_later(self) -> None:
+        """Timer callback: the rate allows another line now."""
+        self.pump_timer = None
+        self.pump()
 
     def update_settled(self) -> None:
         """Mark whether every line typed so far has been sent and answered."""
@@ -975,8 +1012,10 @@ async def finish_plain(connection: Connection, finished: asyncio.Event) -> int:
         waiting.cancel()
         connection.task.result()
         return 1
+    rate = connection.model.rate
+    pacing_seconds = len(connection.outbox) / rate.per_second if rate else 0.0  # still queued
     try:  # the lines we sent deserve their echoes before we go
-        await asyncio.wait_for(connection.settled.wait(), REPLY_WAIT_SECONDS)
+        await asyncio.wait_for(connection.settled.wait(), REPLY_WAIT_SECONDS + pacing_seconds)
     except TimeoutError:
         print("! Some lines got no reply from the server in time.", file=sys.stderr)
     await connection.close()

@@ -441,3 +441,19 @@ def test_drawing_sends_only_colours_an_8_colour_terminal_has(kind):
         apply_event(model, message("lobby", "hi", username=username))
     screen, _ = client.draw_screen(term, model, client.Layout(100, 24))
     assert "\x1b[38m" not in screen and not re.search(r"\x1b\[3\d\dm", screen)
+
+
+@pytest.mark.parametrize("limits, first_waits", [
+    ({"rate_per_second": 5, "rate_burst": 10}, [0.0] * 8),  # a burst of 8: two under the server's 10
+    ({"rate_per_second": 0, "rate_burst": 10}, None),  # 0: the server has no limit, so no pacing
+    ({}, None),  # an older server says nothing: no pacing
+])
+def test_the_pacer_keeps_under_the_servers_rate_limit(limits, first_waits):
+    """Lines go out at once up to a smaller burst, then at 90% of the server's rate."""
+    pacer = client.Pacer.from_limits(limits)
+    if first_waits is None:
+        assert pacer is None
+        return
+    pacer.tokens = pacer.burst  # after a quiet while
+    assert [pacer.wait(0.0) for _ in first_waits] == first_waits
+    assert pacer.wait(0.0) == pytest.approx(1 / (0.9 * limits["rate_per_second"]))

@@ -90,6 +90,16 @@ def test_piped_lines_are_sent_and_the_client_exits_cleanly_at_end_of_input(serve
     assert result.stderr == ""
 
 
+def test_piped_lines_are_paced_to_the_servers_rate_limit_and_none_is_refused(chat_process):
+    """More lines than the rate limit's burst are sent at the server's pace: all echoed, none rate_limited."""
+    _, port = chat_process("--rate-per-second=20", "--rate-burst=3")
+    lines = [f"line {n}" for n in range(12)]
+    result = run_client("dave", "--plain", f"--port={port}", stdin="".join(f"{line}\n" for line in lines))
+    assert result.returncode == 0, result.stderr
+    echoed = re.findall(rf"^{TIME} #lobby <dave> (line \d+)$", result.stdout, re.MULTILINE)
+    assert echoed == lines and "rate_limited" not in result.stdout
+
+
 def test_plain_mode_is_automatic_when_stdin_and_stdout_are_pipes(server):
     """Without --plain, pipes still get plain line mode."""
     result = run_client("dave", f"--port={server}", stdin="hello\n")
