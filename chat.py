@@ -514,8 +514,8 @@ class RoomManager:
         if user.grace_timer is not None:
             user.grace_timer.cancel()
         for room_name in list(user.rooms):
+            self.announce(self.rooms[room_name], f"{user.username} left ({reason})", "leave", user)
             self.remove_member(user, self.rooms[room_name])
-            self.announce(self.rooms.get(room_name), f"{user.username} left ({reason})", "leave", user)
         del self.users[fold(user.username)]
         del self.sessions[user.token]
 
@@ -544,10 +544,10 @@ class RoomManager:
             raise Refusal("last_room", f"You cannot leave #{user.current_room}: it is your only "
                           "room, and everyone stays in at least one. /join another room first.")
         room = self.rooms[user.current_room]
+        self.announce(room, f"{user.username} left #{room.name}", "leave", user)
         self.remove_member(user, room)
         self.send(user, left_event(room.name, user.current_room))
         self.send(user, joined_event(self.rooms[user.current_room]))
-        self.announce(self.rooms.get(room.name), f"{user.username} left #{room.name}", "leave", user)
 
     def add_member(self, user: User, room: Room) -> None:
         """Put a user in a room and make it their current room."""
@@ -595,13 +595,13 @@ class RoomManager:
         self.broadcast(room, message_event(self.timestamp(), user.username, room.name, text))
         log.info("#%s <%s> %s (connections: %d)", room.name, user.username, text, len(self.connections))
 
-    def announce(self, room: Room | None, text: str, event: str, about: User) -> None:
+    def announce(self, room: Room, text: str, event: str, about: User) -> None:
         """Tell a room's other members someone joined or left, unless the room is big.
 
         Telling every member of a big room about every arrival would make C users
         connecting cost C*C/2 deliveries; big IRC channels and Slack stay quiet too.
         """
-        if room is None or len(room.members) > self.limits.announce_limit:
+        if len(room.members) > self.limits.announce_limit:  # counting `about`, arriving or leaving
             return
         notice = system_event(self.timestamp(), text, room.name, event=event, username=about.username)
         self.broadcast(room, notice, skip=about)

@@ -278,6 +278,34 @@ async def test_commands_ignore_case(chat_server):
     assert (await alice.expect("rooms"))["rooms"] == [{"name": "lobby", "users": 1}]
 
 
+@pytest.mark.limits(announce_limit=2)
+@pytest.mark.gen_test
+async def test_rooms_bigger_than_the_announce_limit_get_no_join_or_leave_notices(chat_server):
+    """Arrivals in a big room are not announced: C users connecting must not cost C*C/2 deliveries."""
+    alice = await chat_server.join("alice")
+    await chat_server.join("bob")
+    assert (await alice.expect("system"))["username"] == "bob"  # 2 members: still announced
+    carol = await chat_server.join("carol")
+    carol.quit()
+    await carol.closed()
+    assert [e for e in await alice.sync() if e["type"] == "system"] == []
+
+
+@pytest.mark.gen_test
+async def test_user_lists_are_capped_but_count_everyone(chat_server, monkeypatch):
+    """`joined` and `users` list at most USER_LIST_LIMIT names; `user_count` counts all members."""
+    monkeypatch.setattr(chat, "USER_LIST_LIMIT", 3)
+    for name in ("amy", "ben", "cy", "dee"):
+        await chat_server.join(name)
+    eve = await chat_server.connect("eve")
+    await eve.expect("welcome")
+    joined = await eve.expect("joined")
+    assert (joined["users"], joined["user_count"]) == (["amy", "ben", "cy"], 5)
+    await eve.say("/users")
+    users = await eve.expect("users")
+    assert (len(users["users"]), users["user_count"]) == (3, 5)
+
+
 # ---- Messaging ----
 
 
