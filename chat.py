@@ -157,6 +157,7 @@ class Refusal(Exception):
     """A normal "no" to a user: becomes an `error` event (and a close, on connect)."""
 
     def __init__(self, code: str, text: str, close_code: int | None = None, **extra):
+        """`code` for programs, `text` for people, `extra` fields for the event (retry_after)."""
         super().__init__(text)
         self.code, self.text, self.close_code, self.extra = code, text, close_code, extra
 
@@ -226,6 +227,7 @@ class Outbound:
     __slots__ = ("_frame", "event", "text")
 
     def __init__(self, event: dict):
+        """Encode now: the text is shared by every recipient."""
         self.event = event
         self.text = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
         self._frame: bytes | None = None
@@ -385,9 +387,11 @@ def parse_command(line: str) -> tuple[str, str] | None:
 class Connection(Protocol):
     """What the manager needs from a connection: send an event, or close it."""
 
-    def send(self, outbound: Outbound) -> None: ...
+    def send(self, outbound: Outbound) -> None:
+        """Deliver one event now, never waiting."""
 
-    def close(self, code: int, reason: str) -> None: ...
+    def close(self, code: int, reason: str) -> None:
+        """Close with a WebSocket close code and a short reason."""
 
 
 @dataclass(eq=False, slots=True)
@@ -426,6 +430,7 @@ class RoomManager:
 
     def __init__(self, limits: Limits = DEFAULTS, clock=time.monotonic, wall_clock=time.time,
                  call_later=call_later_on_loop):
+        """Start empty but for the lobby; clocks and timers can be swapped in for tests."""
         self.limits = limits
         self.clock, self.wall_clock, self.call_later = clock, wall_clock, call_later
         self.started_at = clock()

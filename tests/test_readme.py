@@ -1,5 +1,6 @@
 """The README stays true to the code: tour anchors, flags, codes and the test command."""
 
+import ast
 import re
 
 import pytest
@@ -29,7 +30,7 @@ def test_chat_py_sections_are_numbered_in_order():
     numbers = list(banners())
     assert numbers == list(range(1, len(numbers) + 1)) and len(numbers) >= 8
     for number, (title, _line) in banners().items():
-        assert re.search(rf"^ ?{number}\. {re.escape(title.split(':')[0])}", chat.__doc__, re.M)
+        assert re.search(rf"^ ?{number}\. {re.escape(title.split(':')[0])}", chat.__doc__, re.MULTILINE)
 
 
 def test_the_tour_names_every_section_of_chat_py():
@@ -75,3 +76,12 @@ def test_ci_runs_the_readme_test_command():
     """`.ci/run` runs exactly the test command the README gives a newcomer."""
     assert "pip install -r requirements.txt && python -m pytest" in README
     assert "\npython -m pytest\n" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_every_function_and_class_in_chat_py_has_a_docstring():
+    """chat.py reads as a lesson: each function and class says what it is for."""
+    tree = ast.parse("\n".join(CHAT_LINES))
+    kinds = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    missing = [f"{node.name} (line {node.lineno})" for node in ast.walk(tree)
+               if isinstance(node, kinds) and not ast.get_docstring(node)]
+    assert missing == []
