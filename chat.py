@@ -579,7 +579,7 @@ class RoomManager:
                 raise Refusal("rate_limited", f"Slow down: you can send again in {retry_after:.1f} s.",
                               retry_after=round(retry_after, 3))
             command = parse_command(line)
-            if command is None:
+            if command is None:  # chat text; "//shrug" is sent as "/shrug"
                 self.say(user, line.removeprefix("/"))
             elif command[0] in COMMANDS:
                 COMMANDS[command[0]].run(self, user, command[1])
