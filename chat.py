@@ -50,6 +50,7 @@ from itertools import islice
 from typing import Protocol
 
 import tornado.netutil
+import tornado.options
 import tornado.web
 import tornado.websocket
 from tornado.httpserver import HTTPServer
@@ -119,20 +120,23 @@ define("announce_limit", default=DEFAULTS.announce_limit,
        help="rooms with more users than this get no join/leave notices (0 = none anywhere)")
 
 
+LIMIT_FLAGS = {  # flag -> the Limits field it sets
+    "max_message_length": "max_message_chars", "rate_per_second": "rate_per_second",
+    "rate_burst": "rate_burst", "idle_timeout": "idle_timeout_seconds",
+    "room_capacity": "room_capacity", "max_connections": "max_connections",
+    "resume_grace": "resume_grace_seconds", "max_backlog": "max_backlog_bytes",
+    "ping_interval": "ping_interval_seconds", "announce_limit": "announce_limit",
+}
+
+
 def limits_from_options() -> Limits:
-    """Collect the parsed flags into one Limits record."""
-    return Limits(
-        max_message_chars=options.max_message_length,
-        rate_per_second=options.rate_per_second,
-        rate_burst=options.rate_burst,
-        idle_timeout_seconds=options.idle_timeout,
-        room_capacity=options.room_capacity,
-        max_connections=options.max_connections,
-        resume_grace_seconds=options.resume_grace,
-        max_backlog_bytes=options.max_backlog,
-        ping_interval_seconds=options.ping_interval,
-        announce_limit=options.announce_limit,
-    )
+    """Collect the parsed flags into one Limits record; a nonsensical value stops the server."""
+    for flag in LIMIT_FLAGS:
+        if options[flag] < 0:
+            sys.exit(f"chat.py: --{flag.replace('_', '-')} cannot be negative (0 switches it off).")
+    if options.rate_per_second and options.rate_burst < 1:
+        sys.exit("chat.py: --rate-burst must be at least 1, or nobody could ever send a line.")
+    return Limits(**{field_name: options[flag] for flag, field_name in LIMIT_FLAGS.items()})
 
 
 # ---- 2. Protocol: codes and events ---------------------------------------------------
@@ -891,7 +895,12 @@ async def run(limits: Limits, port: int, address: str) -> None:
 
 def main() -> None:
     """Parse the flags, then run the server until it is told to stop."""
-    options.parse_command_line()
+    try:
+        options.parse_command_line()
+    except tornado.options.Error as error:  # an unknown flag (Tornado has printed the help)
+        sys.exit(f"chat.py: {error}.")
+    except ValueError as error:  # a value of the wrong type, like --port=abc
+        sys.exit(f"chat.py: a flag has a bad value ({error}). See python chat.py --help.")
     raise_open_file_limit()
     # About 90 tracked objects per connection: at the default threshold (700) the cycle
     # collector took 40% of the CPU of 10,000 users connecting (tests/bench.py --only idle).

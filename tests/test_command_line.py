@@ -102,3 +102,19 @@ def test_the_defaults_suit_a_class():
     assert limits.room_capacity >= 100 and limits.rate_burst >= 5 and limits.rate_per_second >= 2
     assert limits.max_message_chars == 500 and limits.max_backlog_bytes == 1024 * 1024
     assert 4096 <= limits.max_frame_bytes <= 16 * 1024
+
+
+@pytest.mark.parametrize("flag", ["--max-connections=-1", "--idle-timeout=-5", "--rate-burst=0"])
+def test_a_nonsensical_limit_is_a_clear_error(flag):
+    """A negative limit (or a burst of 0) stops the server with one sentence, not a traceback."""
+    result = run_chat(flag)
+    assert result.returncode != 0
+    assert flag.split("=")[0] in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flag, says", [("--nope", "Unrecognized"), ("--port=abc", "bad value")])
+def test_an_unknown_flag_or_a_bad_value_is_a_clear_error(flag, says):
+    """Mistyped flags get one sentence on stderr and a non-zero exit, not a traceback."""
+    result = run_chat(flag)
+    assert result.returncode != 0
+    assert says in result.stderr and "Traceback" not in result.stderr
