@@ -337,7 +337,7 @@ def run_join(manager: "RoomManager", user: "User", argument: str) -> None:
         raise Refusal("usage", "Usage: /join <room>")
     room_name = parse_room_name(argument)
     if room_name is None:
-        raise Refusal("bad_room", f"{argument!r} is not a room name: use 1-32 letters, digits, _ or -.")
+        raise Refusal("bad_room", f"{argument[:40]!r} is not a room name: use 1-32 letters, digits, _ or -.")
     manager.join(user, room_name)
 
 
@@ -465,7 +465,7 @@ class RoomManager:
             raise Refusal("bad_username", "A username is required: connect to /ws?username=NAME.",
                           CLOSE_BAD_USERNAME)
         if not is_valid_username(username):
-            raise Refusal("bad_username", f"{username!r} is not a valid username: use 1-20 letters, "
+            raise Refusal("bad_username", f"{username[:40]!r} is not a valid username: use 1-20 letters, "
                           "digits, _ or -.", CLOSE_BAD_USERNAME)
         held = self.users.get(fold(username))
         if held is not None:
@@ -588,7 +588,8 @@ class RoomManager:
             elif command[0] in COMMANDS:
                 COMMANDS[command[0]].run(self, user, command[1])
             else:
-                raise Refusal("unknown_command", f"Unknown command /{command[0]}. Type /help for the list.")
+                name = command[0][:20]  # an error never echoes a whole frame back
+                raise Refusal("unknown_command", f"Unknown command /{name}. Type /help for the list.")
         except Refusal as refusal:
             self.send(user, error_event(refusal.code, refusal.text, **refusal.extra))
 
@@ -685,7 +686,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         except Refusal as refusal:
             self.send(Outbound(error_event(refusal.code, refusal.text)))
             self.close_by_server(refusal.close_code, refusal.code)
-            log.info("refused %r: %s (connections: %d)", username, refusal.code,
+            log.info("refused %r: %s (connections: %d)", username[:40], refusal.code,
                      len(self.manager.connections))
             return
         self.last_active = time.monotonic()
