@@ -362,7 +362,7 @@ def run_help(manager: "RoomManager", user: "User", argument: str) -> None:
 
 
 COMMANDS = {
-    "join": Command("/join <room>", "join a room (created if missing) and make it your current room", run_join),
+    "join": Command("/join <room>", "join (or create) a room and make it your current one", run_join),
     "leave": Command("/leave", "leave your current room (you always stay in at least one)", run_leave),
     "rooms": Command("/rooms", "list every room with its number of users", run_rooms),
     "users": Command("/users", "list the users in your current room", run_users),
@@ -588,7 +588,7 @@ class RoomManager:
             elif command[0] in COMMANDS:
                 COMMANDS[command[0]].run(self, user, command[1])
             else:
-                name = command[0][:20]  # an error never echoes a whole frame back
+                name = clean_text(command[0][:20])  # never echo a whole frame, nor a control character
                 raise Refusal("unknown_command", f"Unknown command /{name}. Type /help for the list.")
         except Refusal as refusal:
             self.send(user, error_event(refusal.code, refusal.text, **refusal.extra))

@@ -7,7 +7,7 @@ message reaches the members of its room and nobody else.
 """
 
 import pytest
-from hypothesis import settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -240,3 +240,23 @@ def test_text_frames_use_the_shortest_length_encoding(length, header):
 def test_timestamps_are_iso8601_utc_with_milliseconds(now, text):
     """Every timestamp is ISO 8601, UTC, with milliseconds."""
     assert chat.utc_timestamp(now) == text
+
+
+@settings(max_examples=300, deadline=None)
+@given(line=st.text(max_size=600))
+@example(line="/\x1b[2Jboom")
+@example(line="/join \u202e")
+def test_any_typed_line_gets_exactly_one_answer_and_never_breaks_the_manager(line):
+    """Bad input of any kind is refused with an error for that user only; nothing raises."""
+    manager = chat.RoomManager(chat.Limits(rate_per_second=0), call_later=ManualTimers().call_later)
+    alice, bob = RecordingConnection(), RecordingConnection()
+    user = manager.connect("alice", None, alice)
+    manager.connect("bob", None, bob)
+    before_alice, before_bob = len(alice.events), len(bob.events)
+    manager.handle_line(user, line)
+    answers = [event["type"] for event in alice.events[before_alice:] if event["type"] != "system"]
+    assert answers in (["message"], ["error"], ["rooms"], ["users"], ["help"], ["joined"], ["left", "joined"])
+    if answers == ["error"]:
+        assert len(bob.events) == before_bob  # a refusal is for the sender only
+    for event in alice.events[before_alice:]:
+        assert not any(ch in event.get("text", "") for ch in "\x1b\x07\x9b\u202e")
