@@ -77,6 +77,7 @@ class Limits:
     max_backlog_bytes: int = 1024 * 1024  # unsent output per connection
     ping_interval_seconds: float = 20.0
     announce_limit: int = 100  # rooms bigger than this get no join/leave notices
+    handshake_timeout_seconds: float = 30.0  # to send a complete WebSocket handshake
 
     @property
     def max_frame_bytes(self) -> int:
@@ -118,6 +119,8 @@ define("ping_interval", default=DEFAULTS.ping_interval_seconds,
        help="seconds between keepalive pings; a peer silent for two is dropped (0 = off)")
 define("announce_limit", default=DEFAULTS.announce_limit,
        help="rooms with more users than this get no join/leave notices (0 = none anywhere)")
+define("handshake_timeout", default=DEFAULTS.handshake_timeout_seconds,
+       help="seconds a new connection has to send its handshake")
 
 
 LIMIT_FLAGS = {  # flag -> the Limits field it sets
@@ -126,6 +129,7 @@ LIMIT_FLAGS = {  # flag -> the Limits field it sets
     "room_capacity": "room_capacity", "max_connections": "max_connections",
     "resume_grace": "resume_grace_seconds", "max_backlog": "max_backlog_bytes",
     "ping_interval": "ping_interval_seconds", "announce_limit": "announce_limit",
+    "handshake_timeout": "handshake_timeout_seconds",
 }
 
 
@@ -673,7 +677,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self.gone = asyncio.get_running_loop().create_future()  # resolved by on_close
 
     def check_origin(self, origin: str) -> bool:
-        """Accept every origin: any client, from any page or terminal, may chat."""
+        """Accept every origin: any page or terminal may chat (there are no cookies to misuse)."""
         return True
 
     def open(self) -> None:
@@ -856,7 +860,8 @@ def serve(limits: Limits = DEFAULTS, port: int = 0, address: str = "") -> tuple[
     """Start listening on the running loop (port 0 picks a free one): server, manager, port."""
     manager = RoomManager(limits)
     sockets = tornado.netutil.bind_sockets(port, address)
-    server = HTTPServer(make_app(manager))
+    # A connection that never finishes its handshake is dropped soon, not after an hour.
+    server = HTTPServer(make_app(manager), idle_connection_timeout=limits.handshake_timeout_seconds or None)
     server.add_sockets(sockets)
     return server, manager, sockets[0].getsockname()[1]
 

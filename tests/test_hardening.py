@@ -661,6 +661,22 @@ async def test_max_message_chars_0_switches_the_length_limit_off(chat_server):
     assert (await alice.next_event())["text"] == "x" * 1000
 
 
+@pytest.mark.gen_test
+async def test_a_connection_that_never_completes_its_handshake_is_dropped():
+    """Half-finished handshakes cannot hold sockets for long: the server closes them after the timeout."""
+    server, manager, port = chat.serve(chat.Limits(handshake_timeout_seconds=0.2), 0, "127.0.0.1")
+    try:
+        loop = asyncio.get_running_loop()
+        with socket.create_connection(("127.0.0.1", port)) as stalled:
+            stalled.sendall(b"GET /ws?username=slow HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+            stalled.setblocking(False)
+            closed = await asyncio.wait_for(loop.sock_recv(stalled, 1024), WAIT_SECONDS)
+        assert closed == b""  # the server hung up; no user was ever created
+        assert manager.status()["users"] == []
+    finally:
+        server.stop()
+
+
 # ---- status endpoint -------------------------------------------------------------------------------
 
 
