@@ -72,7 +72,7 @@ class Limits:
     rate_burst: int = 10  # ... and in a quick burst
     idle_timeout_seconds: float = 600.0
     room_capacity: int = 200  # members per room; the lobby is exempt
-    max_connections: int = 1000  # users on the server, held sessions included
+    max_connections: int = 1000  # users online at once (held sessions do not count)
     resume_grace_seconds: float = 30.0
     max_backlog_bytes: int = 1024 * 1024  # unsent output per connection
     ping_interval_seconds: float = 20.0
@@ -110,7 +110,7 @@ define("idle_timeout", default=DEFAULTS.idle_timeout_seconds,
 define("room_capacity", default=DEFAULTS.room_capacity,
        help="users per room, lobby exempt (0 = no limit)")
 define("max_connections", default=DEFAULTS.max_connections,
-       help="users on the server at once, held sessions included (0 = no limit)")
+       help="users online at once; held sessions do not count (0 = no limit)")
 define("resume_grace", default=DEFAULTS.resume_grace_seconds,
        help="seconds a dropped user's session is held for resume (0 = none)")
 define("max_backlog", default=DEFAULTS.max_backlog_bytes,
@@ -446,6 +446,8 @@ class RoomManager:
         self.sessions: dict[str, User] = {}  # keyed by resume token
         self.rooms: dict[str, Room] = {LOBBY: Room(LOBBY)}  # keyed by (folded) room name
         self.connections: set[Connection] = set()  # every live connection, logged in or not
+        self.online = 0  # users with a live connection (held sessions are not online)
+        self.closing = False  # set by shutdown(): no new logins
 
     # -- arriving and leaving --
 
@@ -457,6 +459,7 @@ class RoomManager:
         user = User(username, secrets.token_urlsafe(24), self.new_bucket(), connection)
         self.users[fold(username)] = user
         self.sessions[user.token] = user
+        self.online += 1
         self.add_member(user, self.rooms[LOBBY])
         self.send(user, welcome_event(user, self.limits, resumed=False, missed=0))
         self.send(user, joined_event(self.rooms[LOBBY]))
@@ -476,7 +479,7 @@ class RoomManager:
             why = "is reconnecting" if held.connection is None else "is online"
             raise Refusal("username_taken", f"The username {username!r} is taken: someone "
                           f"with that name {why}. Pick another.", CLOSE_USERNAME_TAKEN)
-        if self.limits.max_connections and len(self.users) >= self.limits.max_connections:
+        if self.limits.max_connections and self.online >= self.limits.max_connections:
             raise Refusal("server_full", f"The server is full ({self.limits.max_connections} "
                           "users). Try again later.", CLOSE_SERVER_FULL)
 
@@ -495,7 +498,9 @@ class RoomManager:
             user.grace_timer.cancel()
             user.grace_timer = None
         old_connection, user.connection = user.connection, connection
-        if old_connection is not None:  # the old one may be half-open: it hands over
+        if old_connection is None:
+            self.online += 1
+        else:  # the old connection may be half-open: it hands over
             old_connection.close(CLOSE_REPLACED, "session resumed on a newer connection")
         missed, user.missed = list(user.missed or ()), None
         self.send(user, welcome_event(user, self.limits, resumed=True, missed=len(missed)))
@@ -509,6 +514,7 @@ class RoomManager:
         if user.connection is not connection:
             return  # a newer connection took this session over: nothing ends
         user.connection = None
+        self.online -= 1
         if hold and self.limits.resume_grace_seconds > 0:
             user.missed = deque(maxlen=REPLAY_LIMIT_MESSAGES)
             user.grace_timer = self.call_later(self.limits.resume_grace_seconds, lambda: self.expire(user))
@@ -650,7 +656,7 @@ class RoomManager:
         rooms = sorted(self.rooms.values(), key=lambda room: room.name)
         return {
             "connections": len(self.connections), "users": sorted(online),
-            "sessions_held": len(self.users) - len(online),
+            "sessions_held": len(self.users) - self.online,
             "rooms": rooms_event(rooms)["rooms"],
             "uptime_seconds": round(self.clock() - self.started_at, 3),
             "limits": asdict(self.limits),
@@ -662,6 +668,23 @@ class RoomManager:
 # exactly once, whether the client said goodbye or simply vanished. An
 # exception in any of them is a bug: it is logged with its traceback
 # (log_exception), and only that one connection is closed.
+
+
+class GoodbyeNoticingProtocol(tornado.websocket.WebSocketProtocol13):
+    """Tornado's WebSocket protocol, remembering whether the client sent a close frame.
+
+    Tornado reports close_code None both for a vanished client and for a close
+    frame without a code (a browser's plain ws.close()); only the first should
+    hold the session for resume.
+    """
+
+    said_goodbye = False
+
+    def _handle_message(self, opcode: int, data: bytes):
+        """Note a close frame (opcode 8), then let Tornado handle the frame as usual."""
+        if opcode == 0x8:
+            self.said_goodbye = True
+        return super()._handle_message(opcode, data)
 
 
 class ChatSocket(tornado.websocket.WebSocketHandler):
@@ -680,17 +703,27 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         """Accept every origin: any page or terminal may chat (there are no cookies to misuse)."""
         return True
 
+    def get_websocket_protocol(self):
+        """Tornado's protocol, taught to notice a close frame even when it carries no code."""
+        protocol = super().get_websocket_protocol()
+        if protocol is not None:
+            protocol.__class__ = GoodbyeNoticingProtocol  # same object, one method more
+        return protocol
+
     def open(self) -> None:
         """A client connected: log it in, or refuse it with an error and a close code."""
         self.manager.connections.add(self)  # removed in on_close, which always runs
+        self.websocket_protocol = self.ws_connection  # on_close needs it after Tornado lets go
         self.set_nodelay(True)  # small chat frames go out at once (Nagle would add ~40 ms)
-        username = self.get_query_argument("username", "")
+        if self.manager.closing:  # a late arrival during shutdown
+            self.say_goodbye()
+            return
         try:
-            self.user = self.manager.connect(username, self.get_query_argument("token", ""), self)
+            self.user = self.manager.connect(*self.login_arguments(), self)
         except Refusal as refusal:
             self.send(Outbound(error_event(refusal.code, refusal.text)))
             self.close_by_server(refusal.close_code, refusal.code)
-            log.info("refused %r: %s (connections: %d)", username[:40], refusal.code,
+            log.info("refused %s from %s (connections: %d)", refusal.code, self.request.remote_ip,
                      len(self.manager.connections))
             return
         self.last_active = time.monotonic()
@@ -698,10 +731,18 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         log.info("connect %s from %s (connections: %d)", self.user.username, self.request.remote_ip,
                  len(self.manager.connections))
 
+    def login_arguments(self) -> tuple[str, str]:
+        """The username and token from the URL's query string."""
+        try:
+            return self.get_query_argument("username", ""), self.get_query_argument("token", "")
+        except tornado.web.HTTPError:  # not UTF-8
+            raise Refusal("bad_username", "The username in the URL is not valid text: use 1-20 "
+                          "letters, digits, _ or -.", CLOSE_BAD_USERNAME) from None
+
     def on_message(self, message: str | bytes) -> None:
         """A frame arrived: one typed line for the manager."""
-        if self.user is None:
-            return  # refused in open(); the close is on its way
+        if self.user is None or self.user.connection is not self or self.ws_connection is None:
+            return  # refused, replaced or closed by us: this connection no longer speaks for anyone
         self.last_active = time.monotonic()
         if isinstance(message, bytes):
             self.send(Outbound(error_event("binary_frame", "Send text frames: binary frames are not chat.")))
@@ -717,7 +758,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         if self.user is None:
             return
         # No close frame from the client, and not closed by us: the network failed.
-        abrupt = self.close_code is None and not self.server_close_reason
+        abrupt = not self.websocket_protocol.said_goodbye and not self.server_close_reason
         self.leave_chat(self.server_close_reason or ("connection lost" if abrupt else "quit"), hold=abrupt)
 
     def leave_chat(self, reason: str, hold: bool) -> None:
@@ -869,6 +910,7 @@ def serve(limits: Limits = DEFAULTS, port: int = 0, address: str = "") -> tuple[
 async def shutdown(server: HTTPServer, manager: RoomManager, timeout_seconds: float = 3.0) -> None:
     """Stop listening, tell every client goodbye, and wait briefly for them to close."""
     server.stop()
+    manager.closing = True  # a handshake already under way is told goodbye too
     connections = list(manager.connections)
     for connection in connections:
         connection.say_goodbye()

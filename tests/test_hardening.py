@@ -18,7 +18,8 @@ import struct
 import time
 
 import pytest
-from conftest import WAIT_SECONDS, ChatServer
+import tornado.websocket
+from conftest import WAIT_SECONDS, ChatClient, ChatServer
 
 import chat
 
@@ -130,6 +131,13 @@ class RawPeer:
         opcode, payload = await self.read_frame()
         assert opcode == OPCODE_TEXT, (opcode, payload)
         return json.loads(payload)
+
+    async def send_frame(self, opcode: int, payload: bytes) -> None:
+        """Send one final, masked frame (clients must mask; payloads under 126 bytes)."""
+        mask = os.urandom(4)
+        masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+        frame = bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + masked
+        await asyncio.get_running_loop().sock_sendall(self.sock, frame)
 
     def close(self) -> None:
         """Hang up without a close frame."""
@@ -561,6 +569,59 @@ async def test_a_takeover_succeeds_even_when_the_old_connection_has_a_nearly_ful
     assert newer.welcome["resumed"] is True
     await alice.say("welcome back")
     assert (await newer.expect("message"))["text"] == "welcome back"
+
+
+@pytest.mark.gen_test
+async def test_a_close_frame_without_a_code_ends_the_session_at_once(chat_server):
+    """A browser's plain ws.close() sends a close frame with no code: that is a goodbye, not a dropped line."""
+    alice, bob = await chat_server.join("alice"), await chat_server.join("bob")
+    bob.ws.close()  # Tornado's client, like a browser, sends an empty close frame
+    notice = await alice.expect("system", event="leave")
+    assert (notice["username"], "quit" in notice["text"]) == ("bob", True)
+    assert chat_server.manager.status()["sessions_held"] == 0
+
+
+@pytest.mark.gen_test
+async def test_a_replaced_connection_can_no_longer_speak_for_its_user(chat_server, raw_peer):
+    """After a takeover (4010) the old connection's frames are ignored: nobody can chat as a user from it."""
+    old = await raw_peer("alice")
+    token = (await old.read_event())["token"]
+    bob = await chat_server.join("bob")
+    new = await chat_server.join("alice", token=token)
+    await old.send_frame(OPCODE_TEXT, b"sent from the replaced connection")
+    await new.say("sent from the new one")
+    texts = [e["text"] for e in await bob.sync() if e["type"] == "message"]
+    assert texts == ["sent from the new one"]
+
+
+@pytest.mark.gen_test
+async def test_a_username_that_is_not_utf8_is_refused_with_4001(chat_server):
+    """A query string that does not decode gets error `bad_username` and close 4001, not a server error."""
+    ws = await tornado.websocket.websocket_connect(chat_server.url() + "?username=%FF%FE")
+    raw = ChatClient(ws, "?")
+    error = await raw.expect("error")
+    assert (error["code"], (await raw.closed())[0]) == ("bad_username", chat.CLOSE_BAD_USERNAME)
+
+
+@pytest.mark.gen_test
+async def test_a_login_during_shutdown_is_told_goodbye_with_1001(chat_server):
+    """Once shutdown has begun, a late handshake gets the shutdown notice and 1001, not a welcome."""
+    chat_server.manager.closing = True
+    late = await chat_server.connect("late")
+    notice = await late.next_event()
+    assert (notice["type"], notice["event"]) == ("system", "shutdown")
+    assert (await late.closed())[0] == chat.CLOSE_GOING_AWAY
+
+
+@pytest.mark.limits(max_connections=1)
+@pytest.mark.gen_test
+async def test_held_sessions_do_not_count_toward_max_connections(chat_server):
+    """Dropped users waiting for resume cannot fill the server: only users online count."""
+    alice = await chat_server.join("alice")
+    alice.drop()
+    await wait_until(lambda: chat_server.manager.status()["sessions_held"] == 1, "alice is held")
+    bob = await chat_server.join("bob")
+    assert bob.welcome["username"] == "bob"
 
 
 # ---- graceful shutdown ---------------------------------------------------------------------------

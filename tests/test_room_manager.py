@@ -77,7 +77,7 @@ class RoomManagerMachine(RuleBasedStateMachine):
         """A user connects; a taken name or a full server is refused."""
         connection = RecordingConnection()
         taken = chat.fold(name) in self.manager.users
-        full = len(self.manager.users) >= self.manager.limits.max_connections
+        full = len(self.online()) >= self.manager.limits.max_connections  # held sessions do not count
         try:
             user = self.manager.connect(name, None, connection)
         except chat.Refusal as refusal:
@@ -160,6 +160,11 @@ class RoomManagerMachine(RuleBasedStateMachine):
         for room in self.manager.rooms.values():
             for key, member in room.members.items():
                 assert self.manager.users[key] is member and room.name in member.rooms
+
+    @invariant()
+    def the_online_count_matches_the_users_with_a_connection(self):
+        """The manager's running count of online users is never off."""
+        assert self.manager.online == len(self.online())
 
     @invariant()
     def no_empty_room_but_the_lobby(self):
