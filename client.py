@@ -60,6 +60,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import blessed
 import tornado.httpclient
 import tornado.iostream
+import tornado.simple_httpclient
 import tornado.websocket
 from wcwidth import wcswidth, wcwidth
 
@@ -349,6 +350,12 @@ def add_line(model: Model, line: Line) -> Line:
     return line
 
 
+def room_order(name: str) -> list:
+    """A sort key that puts #room2 before #room10: digit runs compare as numbers."""
+    parts = [part for part in re.split(r"(\d+)", name) if part]
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in parts]
+
+
 def note(model: Model, text: str, kind: str = "info") -> Line:
     """A line from the client itself (connection news, a hint) in the current room."""
     return add_line(model, Line(kind, text, local_time()))
@@ -620,11 +627,16 @@ def completion_pool(model: Model, before_cursor: str) -> list[str]:
 
 # ---- 6. Connection: log in, resume, reconnect ------------------------------------
 
-# Closes after which reconnecting is right: the link broke, the server had trouble,
-# or a line was too big (1009: the server holds the session, so we resume it).
-# Any other close (idle timeout 4008, taken over 4010, refusals ...) was meant.
-RETRY_CLOSE_CODES = {None, 1006, 1009, 1011, 1012, 1013, 1014}
+# Closes after which we stay offline: the server ended the session on purpose
+# (a refused login 4001-4004, the idle timeout 4008, taken over by a newer
+# connection 4010). Every other close we did not ask for is worth a reconnect:
+# the server never closes with 1000 on purpose (Tornado does, with "ping timed
+# out", when we missed its pings, say after the laptop slept), a 1009 or a broken
+# link (1006, None) leaves the session held for resume, and 1001 is a shutdown.
+FINAL_CLOSE_CODES = {4001, 4002, 4003, 4004, 4008, 4010}
+CLOSE_NORMAL = 1000
 CLOSE_SHUTDOWN = 1001
+CLOSE_IDLE = 4008
 CLOSE_BAD_TOKEN = 4004
 CLOSE_REASONS = {
     None: "the connection broke",
@@ -659,6 +671,17 @@ class Refused:
     close_code: int | None
 
 
+def rejoin_order(rooms: list[str], current: str) -> list[str]:
+    """Rooms to join after a fresh login (which puts us in the lobby): the current room last.
+
+    The last /join makes its room current, so we end up where we were, even in #lobby.
+    """
+    others = sorted((name for name in rooms if name not in (LOBBY, current)), key=room_order)
+    if not others and current == LOBBY:
+        return []  # the fresh login already puts us there
+    return others + [current]
+
+
 def backoff_seconds(attempt: int, rand: Callable[[], float] = random.random) -> float:
     """The wait before reconnect attempt n: doubling from 0.5 s up to 10 s, with jitter.
 
@@ -670,26 +693,32 @@ def backoff_seconds(attempt: int, rand: Callable[[], float] = random.random) -> 
 
 
 def should_reconnect(close_code: int | None, after_shutdown: bool) -> bool:
-    """Whether a closed connection is worth retrying: a broken link yes, a deliberate close no."""
+    """Whether a close we did not ask for is worth retrying: all but a deliberate end of the session."""
     if close_code == CLOSE_SHUTDOWN:
         return after_shutdown  # the split view waits for the server to come back
-    return close_code in RETRY_CLOSE_CODES
+    return close_code not in FINAL_CLOSE_CODES
 
 
-def describe_close(close_code: int | None) -> str:
-    """Why a connection ended, for people."""
-    return CLOSE_REASONS.get(close_code, f"the server closed the connection (code {close_code})")
+def describe_close(close_code: int | None, reason: str = "") -> str:
+    """Why a connection ended, for people (a 1000 names Tornado's reason, e.g. "ping timed out")."""
+    text = CLOSE_REASONS.get(close_code, f"the server closed the connection (code {close_code})")
+    return f"{text} ({clean(reason)})" if close_code == CLOSE_NORMAL and reason else text
 
 
 def describe_error(error: Exception) -> str:
-    """Why a connection attempt failed, for people."""
+    """Why a connection attempt failed, for people: a phrase that reads well mid-sentence."""
     if isinstance(error, ConnectionRefusedError):
         return "connection refused (is the server running?)"
+    if isinstance(error, tornado.simple_httpclient.HTTPTimeoutError):
+        return f"no answer within {CONNECT_TIMEOUT_SECONDS:g} s"
+    if isinstance(error, tornado.httpclient.HTTPClientError) and error.code == 599:
+        return "the connection closed before the server answered"  # Tornado's 599: no HTTP reply at all
     if isinstance(error, tornado.httpclient.HTTPClientError):
         return f"it answered HTTP {error.code} instead of accepting a WebSocket"
     if isinstance(error, TimeoutError):
-        return "no answer in time"
-    return getattr(error, "strerror", None) or str(error) or type(error).__name__
+        return f"no welcome within {WELCOME_TIMEOUT_SECONDS:g} s"
+    text = getattr(error, "strerror", None) or str(error) or type(error).__name__
+    return text[:1].lower() + text[1:]  # "Connection reset by peer" -> "connection reset by peer"
 
 
 def is_reply(event: dict, username: str) -> bool:
@@ -737,10 +766,14 @@ class Connection:
     """The link to the server: log in, read events into the model, send lines, reconnect."""
 
     def __init__(self, settings: Settings, model: Model, show: Callable[[list[Line]], None],
-                 reconnect_after_shutdown: bool):
-        """Not connected yet; `show` gets the lines each event adds (plain mode prints them)."""
+                 reconnect_after_shutdown: bool, revivable: bool = False):
+        """Not connected yet; `show` gets the lines each event adds (plain mode prints them).
+
+        revivable: someone is typing (the split view, plain mode on a terminal), so
+        going offline waits for Enter to try again instead of ending the session.
+        """
         self.settings, self.model, self.show = settings, model, show
-        self.reconnect_after_shutdown = reconnect_after_shutdown
+        self.reconnect_after_shutdown, self.revivable = reconnect_after_shutdown, revivable
         self.ws: tornado.websocket.WebSocketClientConnection | None = None  # None while disconnected
         self.token = ""  # from welcome: a reconnect with it resumes the session
         self.logged_in = False  # welcome and its joined have arrived on the live connection
@@ -751,7 +784,9 @@ class Connection:
         self.settled = asyncio.Event()  # set while nothing waits to be sent or answered
         self.settled.set()
         self.quitting = False
-        self.gave_up = False  # the server ended the session on purpose: no more reconnects
+        self.gave_up = False  # the server ended the session on purpose: offline until Enter (if revivable)
+        self.wake_up = asyncio.Event()  # set by Enter while offline: try again
+        self.idle_notice: dict | None = None  # the server's idle notice, shown with the close that follows
         self.task: asyncio.Task | None = None
 
     # -- logging in --
@@ -759,8 +794,9 @@ class Connection:
     async def log_in(self) -> Refused | None:
         """Open a connection and read up to the welcome; None if we are in, else the refusal."""
         url = login_url(self.settings.url, self.model.username, self.token)
-        self.ws = await tornado.websocket.websocket_connect(
-            url, connect_timeout=CONNECT_TIMEOUT_SECONDS, ping_interval=PING_INTERVAL_SECONDS)
+        request = tornado.httpclient.HTTPRequest(  # the request timeout covers a server that never answers
+            url, connect_timeout=CONNECT_TIMEOUT_SECONDS, request_timeout=CONNECT_TIMEOUT_SECONDS)
+        self.ws = await tornado.websocket.websocket_connect(request, ping_interval=PING_INTERVAL_SECONDS)
         refused = Refused("", "", None)
         while True:
             frame = await asyncio.wait_for(self.ws.read_message(), WELCOME_TIMEOUT_SECONDS)
@@ -794,30 +830,59 @@ class Connection:
         self.task = asyncio.create_task(self.run())
 
     async def run(self) -> None:
-        """Read events until the link closes; reconnect while that makes sense."""
+        """Read events until the link closes; reconnect while that makes sense.
+
+        Only our own close (/quit) ends it, or going offline when nobody can press
+        Enter (plain mode over pipes).
+        """
         while True:
             while (frame := await self.ws.read_message()) is not None:
                 self.receive(frame)
-            close_code = self.ws.close_code
+            close_code, reason = self.ws.close_code, self.ws.close_reason or ""
             self.lose_connection()
+            idle_notice, self.idle_notice = self.idle_notice, None
             if self.quitting:
                 return
-            if not should_reconnect(close_code, self.reconnect_after_shutdown):
-                return self.give_up(describe_close(close_code))
-            self.show([note(self.model, f"Disconnected: {describe_close(close_code)}. Reconnecting...",
-                            kind="error")])
-            if not await self.reconnect():
-                return
+            if should_reconnect(close_code, self.reconnect_after_shutdown):
+                if idle_notice:
+                    self.show(apply_event(self.model, idle_notice))
+                self.show([note(self.model, f"Disconnected: {describe_close(close_code, reason)}. "
+                                            "Reconnecting...", kind="error")])
+                back = await self.reconnect()
+            else:  # the server's idle notice says it best, with the time: one line, not two
+                notice = clean(idle_notice.get("text")) if idle_notice and close_code == CLOSE_IDLE else ""
+                self.give_up(describe_close(close_code, reason), notice)
+                back = False
+            while not back:  # offline: Enter (wake) tries again
+                if self.quitting or not self.revivable:
+                    return
+                await self.wake_up.wait()
+                self.wake_up.clear()
+                self.gave_up = False
+                back = await self.reconnect(at_once=True)
 
-    async def reconnect(self) -> bool:
-        """Try again after growing, jittered delays until logged in; False if refused for good."""
+    def wake(self) -> None:
+        """Enter while offline: try to connect again now (resuming with the token, if we have one)."""
+        if self.gave_up and self.revivable:
+            self.gave_up = False
+            self.wake_up.set()
+
+    async def reconnect(self, at_once: bool = False) -> bool:
+        """Try again after growing, jittered delays until logged in; False if refused for good.
+
+        at_once: the first attempt goes without a delay (the user asked for it).
+        """
         attempt = 0
         while not self.quitting:
             attempt += 1
-            delay = backoff_seconds(attempt)
-            set_state(self.model, "reconnecting", f"in {delay:.0f} s, attempt {attempt}")
-            self.show([])
-            await asyncio.sleep(delay)
+            if at_once and attempt == 1:
+                set_state(self.model, "connecting")
+                self.show([])
+            else:
+                delay = backoff_seconds(attempt)
+                set_state(self.model, "reconnecting", f"in {delay:.0f} s, attempt {attempt}")
+                self.show([])
+                await asyncio.sleep(delay)
             try:
                 refused = await self.log_in()
             except CONNECT_ERRORS:
@@ -842,23 +907,28 @@ class Connection:
     def forget_session(self) -> None:
         """The server no longer knows our token (it restarted?): log in afresh, then rejoin our rooms."""
         self.token = ""
-        others = sorted(name for name in self.model.rooms if name not in (LOBBY, self.model.room))
-        self.rejoin = others + ([self.model.room] if self.model.room != LOBBY else [])  # current last
+        self.rejoin = rejoin_order(list(self.model.rooms), self.model.room)
         rooms = ", ".join(f"#{name}" for name in self.rejoin)
         then = f", then rejoining {rooms}" if rooms else ""
-        self.show([note(self.model, "The server no longer knows this session (did it restart?): "
-                                    f"logging in afresh as {self.model.username}{then}.", kind="error")])
+        text = (f"The server no longer knows this session (did it restart?): "
+                f"logging in afresh as {self.model.username}{then}.")
+        lines = [add_line(self.model, Line("error", text, local_time(), room=name))
+                 for name in list(self.model.rooms)]
+        self.show(lines[:1])  # in every room, so it is there whichever one we end up in; printed once
 
     def lose_connection(self) -> None:
         """Forget the closed connection; lines sent on it will get no reply now."""
         self.ws, self.logged_in, self.unanswered = None, False, 0
         self.update_settled()
 
-    def give_up(self, reason: str) -> None:
-        """The server ended the session on purpose: say so, and stay offline."""
+    def give_up(self, reason: str, text: str = "") -> None:
+        """The server ended the session on purpose: say so (text, else the reason), and stay offline."""
         self.gave_up = True
         set_state(self.model, "offline", reason)
-        self.show([note(self.model, f"Disconnected: {reason}.", kind="error")])
+        text = text or f"Disconnected: {reason}."
+        if self.revivable:
+            text += " Press Enter to reconnect, or /quit to leave."
+        self.show([note(self.model, text, kind="error")])
 
     # -- frames in and out --
 
@@ -866,6 +936,9 @@ class Connection:
         """One frame from the server: update the token, the reply count and the model."""
         event = parse_event(frame)
         kind = event.get("type")
+        if kind == "system" and event.get("event") == "idle":
+            self.idle_notice = event  # a close follows: shown with it, as one line
+            return
         if kind == "welcome":
             self.token = clean(event.get("token"))
         elif kind == "joined" and not self.logged_in:
@@ -933,6 +1006,14 @@ class Connection:
 # ---- 7. Plain line mode -------------------------------------------------------
 
 
+def too_long_note(model: Model, text: str) -> str:
+    """Why a line cannot be sent as it is (over the server's length limit), or "" if it can."""
+    if not model.limit_chars or len(text) <= model.limit_chars:
+        return ""
+    return (f"Your line has {len(text)} characters; the limit is {model.limit_chars}. "
+            "Shorten it and press Enter again.")
+
+
 def plain_text(line: Line) -> str:
     """A line as plain mode prints it: [12:01:02] #general <bob> hi, and so on."""
     room = f"#{line.room} " if line.room else ""
@@ -984,19 +1065,28 @@ async def run_plain(settings: Settings) -> int:
     """Plain line mode: send stdin's lines, print one line per event, leave at end of input."""
     sys.stdout.reconfigure(errors="replace")
     model = Model(settings.url, settings.username)
-    connection = Connection(settings, model, print_lines, reconnect_after_shutdown=False)
+    interactive = sys.stdin.isatty()  # someone types: offline waits for Enter, as in the split view
+    connection = Connection(settings, model, print_lines, reconnect_after_shutdown=interactive,
+                            revivable=interactive)
     await connection.connect_first()
     connection.start()
     finished = asyncio.Event()  # end of input, /quit or Ctrl-C
 
     def on_line(line: str) -> None:
-        """One line from stdin: /quit finishes, a blank line is skipped, the rest is sent."""
-        if finished.is_set() or not line.strip():
+        """One line from stdin: /quit finishes, a too long line is refused, the rest is sent.
+
+        Offline, any line (even a blank one) connects again first.
+        """
+        if finished.is_set():
             return
         if line.strip().lower() in QUIT_COMMANDS:
             finished.set()
+        elif too_long := too_long_note(model, line):
+            print_lines([note(model, f"message_too_long: {too_long}", kind="error")])
         else:
-            connection.send(line)
+            connection.wake()
+            if line.strip():
+                connection.send(line)
 
     loop = asyncio.get_running_loop()
     read_stdin_in_thread(loop, on_line, finished.set)
@@ -1159,7 +1249,7 @@ def message_area(term: blessed.Terminal, model: Model, layout: Layout) -> tuple[
 def sidebar_entries(term: blessed.Terminal, model: Model, width: int) -> list[str]:
     """The sidebar's content: your rooms with unread counts, then the current room's users."""
     entries = [paint([(term.bold, "Rooms")], width)]
-    for name in sorted(model.rooms):
+    for name in sorted(model.rooms, key=room_order):
         unread = model.rooms[name].unread
         count = f" {unread}" if unread else ""
         style = term.reverse if name == model.room else term.bold if unread else str
@@ -1330,14 +1420,20 @@ class SplitView:
         self.dirty.set()
 
     def submit(self) -> None:
-        """Enter: /quit leaves; any other line goes to the server (or waits for the reconnect)."""
+        """Enter: /quit leaves; any other line goes to the server (or waits for the reconnect).
+
+        Offline, Enter (on any line) connects again. A line over the length limit
+        stays in the input line to be shortened: sent, the server would refuse it.
+        """
         text = self.model.input.text
-        if not text.strip():
-            return
         if text.strip().lower() in QUIT_COMMANDS:
             return self.quit()
-        if self.connection.gave_up:
-            note(self.model, "Not connected, so nothing was sent. Type /quit to leave.", kind="error")
+        if too_long := too_long_note(self.model, text):
+            note(self.model, too_long, kind="error")
+            return
+        self.connection.wake()
+        if not text.strip():
+            self.model.input.set("")
             return
         if not self.connection.logged_in:
             note(self.model, "Not connected right now: the line goes out once we are back.")
@@ -1351,7 +1447,7 @@ class SplitView:
 
     def switch_room(self, step: int) -> None:
         """Ctrl-N/Ctrl-P: make the next/previous of your rooms current (a /join to the server)."""
-        names = sorted(self.model.rooms)
+        names = sorted(self.model.rooms, key=room_order)
         if self.connection.logged_in and self.model.room in names and len(names) > 1:
             target = names[(names.index(self.model.room) + step) % len(names)]
             self.connection.send(f"/join {target}")
@@ -1449,7 +1545,7 @@ async def run_split(settings: Settings) -> int:
         return await run_plain(settings)
     model = Model(settings.url, settings.username)
     view = SplitView(term, model)
-    view.connection = Connection(settings, model, view.show, reconnect_after_shutdown=True)
+    view.connection = Connection(settings, model, view.show, reconnect_after_shutdown=True, revivable=True)
     await view.connection.connect_first()  # before the screen changes: errors print plainly
     handler = LogToMessageArea(view)
     logging.getLogger().addHandler(handler)

@@ -339,13 +339,52 @@ def test_reconnect_delays_double_up_to_a_cap_with_jitter():
 
 
 @pytest.mark.parametrize("close_code, after_shutdown, retry", [
-    (None, False, True), (1006, False, True), (1011, False, True), (1009, False, True),
+    (None, False, True), (1006, False, True), (1011, False, True), (1009, False, True), (4009, True, True),
+    (1000, False, True),  # Tornado's "ping timed out" (the laptop slept): the session is held for us
     (1001, True, True), (1001, False, False),
-    (1000, True, False), (4008, True, False), (4010, True, False), (4009, True, False), (4002, True, False),
+    (4001, True, False), (4002, True, False), (4003, True, False), (4004, True, False),
+    (4008, True, False), (4010, True, False),
 ])
-def test_only_a_broken_link_or_a_shutdown_is_worth_a_reconnect(close_code, after_shutdown, retry):
-    """A dropped connection is retried; a deliberate close (idle, taken over ...) is not."""
+def test_only_a_deliberate_end_of_the_session_keeps_the_client_offline(close_code, after_shutdown, retry):
+    """A close we did not ask for is retried, unless it was a refusal, the idle timeout or a takeover."""
     assert client.should_reconnect(close_code, after_shutdown) is retry
+
+
+def test_a_normal_close_from_the_server_names_its_reason():
+    """A 1000 from the server is Tornado's ping timeout: the reason is shown."""
+    reason = client.describe_close(1000, "ping timed out")
+    assert reason == "the server closed the connection (ping timed out)"
+
+
+def test_an_os_error_reads_well_in_the_middle_of_a_sentence():
+    """OS error texts start lower-case: "...: connection reset by peer."."""
+    error = ConnectionResetError(104, "Connection reset by peer")
+    assert client.describe_error(error) == "connection reset by peer"
+
+
+@pytest.mark.parametrize("rooms, current, rejoin", [
+    (["lobby", "room10", "general", "room2"], "lobby", ["general", "room2", "room10", "lobby"]),
+    (["lobby", "room2", "general"], "general", ["room2", "general"]),
+    (["lobby"], "lobby", []),
+])
+def test_after_a_fresh_login_the_previously_current_room_is_joined_last(rooms, current, rejoin):
+    """The last /join makes its room current, so the user ends up where they were, even in #lobby."""
+    assert client.rejoin_order(rooms, current) == rejoin
+
+
+def test_the_logging_in_afresh_note_is_written_into_every_room():
+    """Whichever room the user ends up looking at after a fresh login, the note is there."""
+    model = logged_in(rooms=("lobby", "general"), room="general")
+    connection = client.Connection(client.Settings("carol", "ws://x/ws", True), model, lambda lines: None, False)
+    connection.forget_session()
+    assert {name: room.lines[-1].text.startswith("The server no longer knows this session")
+            for name, room in model.rooms.items()} == {"lobby": True, "general": True}
+
+
+def test_rooms_sort_naturally():
+    """#room2 comes before #room10 in the sidebar and for Ctrl-N/Ctrl-P."""
+    names = ["room10", "lobby", "room2", "room1", "general"]
+    assert sorted(names, key=client.room_order) == ["general", "lobby", "room1", "room2", "room10"]
 
 
 @pytest.mark.parametrize("event, reply", [

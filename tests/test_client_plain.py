@@ -6,14 +6,18 @@ in, one printed line per event out, a clean exit at the end of input.
 
 import json
 import re
+import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 
 import pytest
 from conftest import ROOT, free_port
-from screen import HOSTILE_EVENTS, WAIT_SECONDS, ScriptedServer, client_env, wait_for
+from screen import HOSTILE_EVENTS, WAIT_SECONDS, Screen, ScriptedServer, client_env, wait_for
+
+import client
 
 TIME = r"\[\d\d:\d\d:\d\d\]"
 
@@ -121,11 +125,20 @@ def test_another_users_message_and_arrival_print_as_one_line_each(bob, server):
     assert bob.end_input() == 0
 
 
-def test_a_refused_line_prints_the_servers_error(chat_process):
+def test_a_refused_line_prints_the_servers_error(server):
     """An error event prints as `! code: sentence`, and the client goes on."""
+    result = run_client("dave", f"--port={server}", stdin="/leave\nshort\n")
+    assert re.search(r"^! last_room: You cannot leave #lobby", result.stdout, re.MULTILINE)
+    assert re.search(rf"{TIME} #lobby <dave> short", result.stdout) and result.returncode == 0
+
+
+def test_a_line_over_the_length_limit_is_not_sent_and_prints_an_error(chat_process):
+    """A line longer than welcome's max_message_chars prints `! message_too_long: ...` and is skipped."""
     _, port = chat_process("--max-message-length=10")
     result = run_client("dave", f"--port={port}", stdin="this is far too long\nshort\n")
-    assert re.search(r"^! message_too_long: .*limit is 10", result.stdout, re.MULTILINE)
+    assert ("! message_too_long: Your line has 20 characters; the limit is 10. Shorten it and press Enter again."
+            in result.stdout.splitlines())
+    assert "<dave> this is far too long" not in result.stdout
     assert re.search(rf"{TIME} #lobby <dave> short", result.stdout) and result.returncode == 0
 
 
@@ -156,6 +169,31 @@ def test_an_unreachable_server_is_one_clear_sentence_and_a_failure():
     sentence = (f"client.py: Cannot reach the chat server at ws://localhost:{port}/ws: "
                 "connection refused (is the server running?).")
     assert result.returncode == 1 and result.stderr.splitlines() == [sentence]
+
+
+def test_a_silent_server_fails_within_the_connect_timeout_with_one_clear_sentence():
+    """A server that accepts TCP but never answers: one sentence within the connect timeout, not HTTP 599."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # listens (the kernel accepts), never answers
+        url = f"ws://127.0.0.1:{silent.getsockname()[1]}/ws"
+        started = time.monotonic()
+        result = run_client("dave", f"--url={url}")
+        elapsed = time.monotonic() - started
+    sentence = f"client.py: Cannot reach the chat server at {url}: no answer within 5 s."
+    assert result.returncode == 1 and result.stderr.splitlines() == [sentence]
+    assert elapsed < client.CONNECT_TIMEOUT_SECONDS + 3
+
+
+def test_interactive_plain_mode_connects_again_on_enter_after_going_offline(chat_process):
+    """On a terminal, --plain goes offline after the idle timeout with a hint; Enter connects again."""
+    _, port = chat_process("--idle-timeout=2")
+    carol = Screen("carol", f"--port={port}", "--plain", rows=24, cols=200)
+    try:
+        carol.wait_for_text("Press Enter to reconnect, or /quit to leave.")
+        carol.send("")
+        wait_for(lambda: carol.text().count(f"Connected to ws://localhost:{port}/ws as carol") == 2,
+                 what=lambda: carol.text())
+    finally:
+        carol.close()
 
 
 def test_a_server_shutdown_ends_plain_mode_with_a_note(chat_process):

@@ -5,9 +5,11 @@ server in its own process; a terminal emulator (pyte) turns the output into the
 screen a person would see, and the tests read it like a person would.
 """
 
+import json
 import os
 import signal
 import termios
+import urllib.request
 
 import pytest
 from conftest import free_port
@@ -222,6 +224,26 @@ def test_after_a_server_restart_the_client_logs_in_afresh_and_rejoins_its_rooms(
         stop_server(server)
 
 
+def test_after_a_server_restart_the_client_ends_in_the_room_that_was_current_even_the_lobby(screens):
+    """carol was in #general but looking at #lobby: after the fresh login she is in both, in #lobby."""
+    port = free_port()
+    server = start_server(port)
+    try:
+        carol = screens("carol", port, cols=160)
+        carol.send("/join general")
+        wait_for(lambda: carol.header().startswith(" #general"))
+        carol.send("/join lobby")
+        wait_for(lambda: carol.header().startswith(" #lobby"))
+        stop_server(server)
+        wait_for(lambda: "reconnecting" in carol.header(), what=lambda: carol.text())
+        server = start_server(port)
+        carol.wait_for_text("logging in afresh as carol, then rejoining #general,", timeout=15)
+        wait_for(lambda: carol.header().startswith(" #lobby") and "connected" in carol.header()
+                 and "#general" in sidebar(carol), what=lambda: carol.text())
+    finally:
+        stop_server(server)
+
+
 def test_a_server_shutdown_is_noted_and_the_client_keeps_trying(screens):
     """A graceful shutdown (1001) shows the server's goodbye, and the split view tries to reconnect."""
     port = free_port()
@@ -256,14 +278,73 @@ def test_ctrl_z_gives_the_terminal_back_and_continuing_redraws(screens, port):
     carol.wait_for_text("carol │ half a line and the rest")
 
 
-def test_an_idle_timeout_is_final_and_says_so_in_the_header(screens, chat_process):
-    """Closed for idling (4008), the client does not reconnect; the header says offline; /quit still works."""
+def test_an_idle_timeout_goes_offline_with_one_line_that_says_how_to_come_back(screens, chat_process):
+    """Closed for idling (4008): the header says offline, one line says why and what to do; /quit works."""
     _, port = chat_process("--idle-timeout=1")
-    carol = screens("carol", port)
+    carol = screens("carol", port, cols=160)
     wait_for(lambda: "offline: you were idle for too long" in carol.header(), what=lambda: carol.text())
-    carol.wait_for_text("Disconnected after 1 s without a message.")
+    carol.wait_for_text("Disconnected after 1 s without a message. Press Enter to reconnect, or /quit to leave.")
+    assert carol.text().count("Disconnected") == 1
     carol.send("/quit")
     assert carol.wait_exit() == 0
+
+
+def test_a_line_typed_after_an_idle_timeout_connects_again_and_is_sent(screens, chat_process):
+    """Offline is no dead end: Enter logs in again (afresh, as the session is gone) and the line goes out."""
+    _, port = chat_process("--idle-timeout=2")
+    carol = screens("carol", port, cols=160)
+    wait_for(lambda: "offline" in carol.header(), what=lambda: carol.text())
+    carol.send("back again")
+    carol.wait_for_text("carol │ back again")
+
+
+def test_a_ping_timeout_is_not_a_goodbye_and_the_session_resumes(screens, chat_process):
+    """Stopped past the server's ping timeout (a close with 1000), the client resumes its session."""
+    _, port = chat_process("--ping-interval=1")
+    carol = screens("carol", port, cols=160)
+    os.kill(carol.proc.pid, signal.SIGSTOP)  # as if the laptop slept
+    try:
+        wait_for(lambda: sessions_held(port) == 1, timeout=15)
+    finally:
+        os.kill(carol.proc.pid, signal.SIGCONT)
+    carol.wait_for_text("Disconnected: the server closed the connection (ping timed out). Reconnecting...")
+    carol.wait_for_text("Reconnected: your session is back.")
+    wait_for(lambda: carol.header().rstrip().endswith("connected"), what=lambda: carol.text())
+
+
+def sessions_held(port: int) -> int:
+    """How many sessions the server holds for resume, from GET /status."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as response:
+        return json.load(response)["sessions_held"]
+
+
+def test_a_line_over_the_length_limit_stays_in_the_input_line_with_a_red_note(screens, chat_process):
+    """Enter on a line longer than the limit sends nothing: a red note says so and the text stays to edit."""
+    _, port = chat_process("--max-message-length=20")
+    carol = screens("carol", port, cols=160)
+    carol.send("x" * 25)
+    carol.wait_for_text("Your line has 25 characters; the limit is 20. Shorten it and press Enter again.")
+    assert "x" * 25 in carol.input_line() and not carol.shows("carol │ xxx")
+    row = next(y for y, line in enumerate(carol.lines()) if "Your line has" in line)
+    assert carol.screen.buffer[row][carol.lines()[row].index("Your line")].fg == "red"
+
+
+def test_enter_on_a_line_of_only_spaces_clears_it(screens, port):
+    """Nothing is sent, and the spaces are gone."""
+    carol = screens("carol", port)
+    prompt = len("#lobby › ")
+    carol.type("   ")
+    wait_for(lambda: cursor_column(carol) == prompt + 3, what=lambda: carol.input_line())
+    carol.type("\r")
+    wait_for(lambda: cursor_column(carol) == prompt, what=lambda: carol.input_line())
+    assert not carol.shows("carol │")
+
+
+def cursor_column(screen: Screen) -> int | None:
+    """Where the input line's cursor is drawn (a reverse-video cell), if anywhere."""
+    with screen.lock:
+        row = screen.screen.buffer[screen.screen.lines - 1]
+        return next((x for x in range(screen.screen.columns) if row[x].reverse), None)
 
 
 def test_control_characters_from_the_server_never_reach_the_terminal(screens):
