@@ -31,7 +31,9 @@ Sections
 """
 
 import asyncio
+import base64
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -871,6 +873,35 @@ class StatusHandler(tornado.web.RequestHandler):
         self.write(self.manager.status())
 
 
+class PageHandler(tornado.web.RequestHandler):
+    """GET /: the web chat page, a single static file beside chat.py."""
+
+    def get(self) -> None:
+        """Serve chat.html with a policy that lets no script run but its own."""
+        with open(PAGE_PATH, "rb") as page_file:
+            page = page_file.read()
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.set_header("Content-Security-Policy", content_security_policy(page))
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("Referrer-Policy", "no-referrer")
+        self.set_header("Cache-Control", "no-cache")
+        self.write(page)
+
+
+PAGE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
+
+
+def content_security_policy(page: bytes) -> str:
+    """Allow exactly the page's own inline <script> and <style> (by hash), nothing else."""
+    def hashes(tag: bytes) -> str:
+        bodies = re.findall(rb"<%s>(.*?)</%s>" % (tag, tag), page, re.S)
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(body).digest()).decode()}'"
+                        for body in bodies) or "'none'"
+    return (f"default-src 'none'; script-src {hashes(b'script')}; style-src {hashes(b'style')}; "
+            "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+            "frame-ancestors 'none'")
+
+
 # ---- 8. Wiring and main --------------------------------------------------------------
 
 
@@ -889,7 +920,8 @@ def make_app(manager: RoomManager) -> tornado.web.Application:
     """The Tornado application: the chat socket at /ws and the status page at /status."""
     limits = manager.limits
     return tornado.web.Application(
-        [(r"/ws", ChatSocket, {"manager": manager}), (r"/status", StatusHandler, {"manager": manager})],
+        [(r"/", PageHandler), (r"/ws", ChatSocket, {"manager": manager}),
+         (r"/status", StatusHandler, {"manager": manager})],
         websocket_max_message_size=limits.max_frame_bytes,  # Tornado's default is 10 MiB
         websocket_ping_interval=limits.ping_interval_seconds or None,
         websocket_ping_timeout=limits.ping_interval_seconds or None,
