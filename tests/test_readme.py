@@ -73,9 +73,19 @@ def test_every_error_code_is_in_the_readme(code):
 
 
 def test_ci_runs_the_readme_test_command():
-    """`.ci/run` runs exactly the test command the README gives a newcomer."""
-    assert "pip install -r requirements.txt && python -m pytest" in README
-    assert "\npython -m pytest\n" in (ROOT / ".ci" / "run").read_text()
+    """`.ci/run` installs what the README's test command installs, then runs its pytest."""
+    assert "pip install -r requirements-test.txt && python -m pytest" in README
+    ci_script = (ROOT / ".ci" / "run").read_text()
+    assert "pip install --quiet -r requirements-test.txt" in ci_script
+    assert "\npython -m pytest\n" in ci_script
+
+
+def test_the_server_command_installs_only_what_the_server_and_client_need():
+    """The README's first command installs requirements.txt: no test or notebook tools."""
+    assert "pip install -r requirements.txt && python chat.py --port=8888" in README
+    server_requirements = (ROOT / "requirements.txt").read_text()
+    for tool in ("pytest", "nbclient", "ipykernel", "notebook", "selenium", "hypothesis"):
+        assert tool not in server_requirements
 
 
 def test_every_function_and_class_in_chat_py_has_a_docstring():
