@@ -37,6 +37,14 @@ Sections
 10. Main
 """
 
+from __future__ import annotations  # `str | None` in annotations on Python 3.9
+
+import sys
+
+if sys.version_info < (3, 9):  # checked before any import an older Python could trip over
+    sys.exit("client.py needs Python 3.9 or newer; this is Python %d.%d. "
+             "Install a newer Python from python.org and run it again." % sys.version_info[:2])
+
 import argparse
 import asyncio
 import codecs
@@ -46,16 +54,19 @@ import os
 import random
 import re
 import signal
-import sys
-import termios
 import threading
 import time
 import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+try:
+    import termios  # Unix only: Ctrl-Z hands the terminal back to the shell with it
+except ImportError:  # Windows has no termios and no Ctrl-Z suspend
+    termios = None
 
 import blessed
 import tornado.httpclient
@@ -63,6 +74,8 @@ import tornado.iostream
 import tornado.simple_httpclient
 import tornado.websocket
 from wcwidth import wcswidth, wcwidth
+
+UTC = timezone.utc  # datetime.UTC is new in Python 3.11
 
 # ---- 1. Settings -------------------------------------------------------------
 
@@ -77,6 +90,8 @@ BACKOFF_CAP_SECONDS = 10.0  # ... up to here
 REPLY_WAIT_SECONDS = 5.0  # plain mode, end of input: wait this long for the echoes
 CLOSE_WAIT_SECONDS = 2.0  # how long the server may take to answer our close frame
 ESC_DELAY_SECONDS = 0.05  # a lone Esc: how long to wait for the rest of a key's sequence
+KEY_WAIT_SECONDS = 0.1  # where a thread reads keys (Windows): how often it checks whether to stop
+SIZE_CHECK_SECONDS = 0.25  # where no SIGWINCH tells of a resize (Windows): how often to look
 
 SCROLLBACK_LINES = 2000  # kept per room
 HISTORY_LINES = 500  # input lines Up/Down can bring back
@@ -90,12 +105,15 @@ Chat in a terminal with the chat.py server: a split view on a terminal, plain
 line mode with --plain or whenever stdin or stdout is not a terminal, e.g.
     printf '/join x\\nhello\\n' | python client.py dave
 """
-KEYS_HELP = """\
+# Ctrl-Z suspends a program under Unix job control; Windows has no such thing.
+CAN_SUSPEND = termios is not None and hasattr(signal, "SIGTSTP") and hasattr(signal, "SIGSTOP")
+SUSPEND_HELP = "Ctrl-Z suspends (fg resumes)" if CAN_SUSPEND else "no Ctrl-Z suspend on this system"
+KEYS_HELP = f"""\
 keys (split view):
   Enter sends; Tab completes commands, rooms and usernames; Up/Down recall what you sent;
   Left/Right, Home/End (Ctrl-A/Ctrl-E), Backspace/Delete, Ctrl-W deletes a word, Ctrl-U the line;
   PgUp/PgDn scroll; Ctrl-N/Ctrl-P switch to the next/previous room; Ctrl-L redraws;
-  Ctrl-Z suspends (fg resumes); /quit, Ctrl-C or Ctrl-D (on an empty line) leave.
+  {SUSPEND_HELP}; /quit, Ctrl-C or Ctrl-D (on an empty line) leave.
 commands: /join <room>, /leave, /rooms, /users, /help, /quit
 """
 
@@ -654,7 +672,7 @@ CLOSE_REASONS = {
 }
 
 # What websocket_connect raises when it cannot reach a server that speaks WebSocket.
-CONNECT_ERRORS = (OSError, TimeoutError, tornado.httpclient.HTTPClientError,
+CONNECT_ERRORS = (OSError, asyncio.TimeoutError, tornado.httpclient.HTTPClientError,
                   tornado.iostream.StreamClosedError, tornado.websocket.WebSocketError)
 
 
@@ -715,7 +733,7 @@ def describe_error(error: Exception) -> str:
         return "the connection closed before the server answered"  # Tornado's 599: no HTTP reply at all
     if isinstance(error, tornado.httpclient.HTTPClientError):
         return f"it answered HTTP {error.code} instead of accepting a WebSocket"
-    if isinstance(error, TimeoutError):
+    if isinstance(error, asyncio.TimeoutError):  # TimeoutError itself from Python 3.11 on
         return f"no welcome within {WELCOME_TIMEOUT_SECONDS:g} s"
     text = getattr(error, "strerror", None) or str(error) or type(error).__name__
     return text[:1].lower() + text[1:]  # "Connection reset by peer" -> "connection reset by peer"
@@ -748,7 +766,7 @@ class Pacer:
     def from_limits(cls, limits: dict) -> "Pacer | None":
         """From welcome's limits: 10% slower and a smaller burst than the server's, for safety."""
         rate, burst = limits.get("rate_per_second"), limits.get("rate_burst")
-        if not isinstance(rate, int | float) or not isinstance(burst, int | float) or rate <= 0:
+        if not isinstance(rate, (int, float)) or not isinstance(burst, (int, float)) or rate <= 0:
             return None  # no limit, or none we understand
         return cls(0.9 * rate, max(1.0, burst - 2), 0.0)
 
@@ -1032,13 +1050,55 @@ def print_lines(lines: list[Line]) -> None:
         print(plain_text(line), flush=True)
 
 
+class SignalWatch:
+    """Signals turned into calls on the loop, on every platform; close() puts things back.
+
+    Where the loop can watch signals (Unix), it does. Windows' loops cannot (they
+    raise NotImplementedError): there a plain handler hands the call to the loop,
+    so the callback still runs between the loop's callbacks, never in the middle
+    of one. A signal this system does not have (SIGWINCH on Windows, say) is skipped.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        """Nothing watched yet."""
+        self.loop = loop
+        self.undo: list[Callable[[], object]] = []
+
+    def on(self, name: str, callback: Callable[[], None]) -> bool:
+        """Call back on the loop when signal `name` arrives; False if this system has no such signal."""
+        number = getattr(signal, name, None)
+        if number is None:
+            return False
+        try:
+            self.loop.add_signal_handler(number, callback)
+            self.undo.append(lambda: self.loop.remove_signal_handler(number))
+        except NotImplementedError:
+            previous = signal.signal(number, lambda *_: self.hand_over(callback))
+            self.undo.append(lambda: signal.signal(number, previous if previous is not None else signal.SIG_DFL))
+        return True
+
+    def hand_over(self, callback: Callable[[], None]) -> None:
+        """In a signal handler: run callback on the loop, soon (unless the loop has closed)."""
+        try:
+            self.loop.call_soon_threadsafe(callback)
+        except RuntimeError:
+            pass  # the loop has closed: the client is already on its way out
+
+    def close(self) -> None:
+        """Stop watching: each signal does what it did before."""
+        while self.undo:
+            self.undo.pop()()
+
+
 def read_stdin_in_thread(loop: asyncio.AbstractEventLoop, on_line: Callable[[str], None],
                          on_end: Callable[[], None]) -> None:
     """Read stdin line by line in a thread that only schedules the work onto the loop.
 
-    A thread, because a file redirected to stdin cannot be watched by the loop. It
-    reads with os.read, not sys.stdin: a daemon thread blocked inside sys.stdin
-    holds its lock, and Python aborts if that lock is held when the client exits.
+    A thread, because a file redirected to stdin cannot be watched by the loop (nor
+    can anything on Windows). It reads the unbuffered stream under sys.stdin: a
+    daemon thread blocked inside sys.stdin holds its lock, and Python aborts if
+    that lock is held when the client exits. (On a Windows console that stream
+    gives UTF-8, as a pipe does here.)
     """
     def schedule(*call) -> None:
         """Hand a call to the loop's thread."""
@@ -1050,7 +1110,7 @@ def read_stdin_in_thread(loop: asyncio.AbstractEventLoop, on_line: Callable[[str
     def read() -> None:
         """The thread: split what stdin gives into lines, until it ends."""
         decoder, pending = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
-        while chunk := os.read(sys.stdin.fileno(), 65536):
+        while chunk := raw_stdin.read(65536):
             *lines, pending = (pending + decoder.decode(chunk)).split("\n")
             for line in lines:
                 schedule(on_line, line.removesuffix("\r"))
@@ -1058,6 +1118,7 @@ def read_stdin_in_thread(loop: asyncio.AbstractEventLoop, on_line: Callable[[str
             schedule(on_line, pending)  # a last line without a newline still counts
         schedule(on_end)
 
+    raw_stdin = sys.stdin.buffer.raw
     threading.Thread(target=read, name="stdin", daemon=True).start()
 
 
@@ -1090,8 +1151,13 @@ async def run_plain(settings: Settings) -> int:
 
     loop = asyncio.get_running_loop()
     read_stdin_in_thread(loop, on_line, finished.set)
-    loop.add_signal_handler(signal.SIGINT, finished.set)
-    return await finish_plain(connection, finished)
+    signals = SignalWatch(loop)
+    for name in ("SIGINT", "SIGBREAK"):  # Ctrl-C; and Ctrl-Break, on Windows
+        signals.on(name, finished.set)
+    try:
+        return await finish_plain(connection, finished)
+    finally:
+        signals.close()
 
 
 async def finish_plain(connection: Connection, finished: asyncio.Event) -> int:
@@ -1106,7 +1172,7 @@ async def finish_plain(connection: Connection, finished: asyncio.Event) -> int:
     pacing_seconds = len(connection.outbox) / rate.per_second if rate else 0.0  # still queued
     try:  # the lines we sent deserve their echoes before we go
         await asyncio.wait_for(connection.settled.wait(), REPLY_WAIT_SECONDS + pacing_seconds)
-    except TimeoutError:
+    except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
         print("! Some lines got no reply from the server in time.", file=sys.stderr)
     await connection.close()
     return 0
@@ -1344,7 +1410,8 @@ class SplitView:
         self.clear_first = True  # a resize or Ctrl-L repaints from a blank screen
         self.page_rows = 1  # message rows at the last redraw, for PgUp/PgDn
         self.done = asyncio.Event()  # /quit, Ctrl-C or Ctrl-D
-        self.shell_modes = termios.tcgetattr(sys.stdin.fileno())  # the terminal as the shell had it
+        # The terminal as the shell had it, for Ctrl-Z (where there is such a thing).
+        self.shell_modes = termios.tcgetattr(sys.stdin.fileno()) if CAN_SUSPEND else None
 
     # -- drawing --
 
@@ -1395,9 +1462,13 @@ class SplitView:
         The loop tells us when stdin is readable; inkey(timeout=0) then hands over
         each complete keystroke and never waits for more (only a lone Esc waits
         ESC_DELAY_SECONDS, to tell it from the start of an arrow key's sequence).
+        Where the loop cannot watch stdin (Windows), a thread reads the keys instead.
         """
         loop, keyboard, readable = asyncio.get_running_loop(), sys.stdin.fileno(), asyncio.Event()
-        loop.add_reader(keyboard, readable.set)
+        try:
+            loop.add_reader(keyboard, readable.set)
+        except NotImplementedError:
+            return await self.read_keys_in_thread()
         try:
             while True:
                 await readable.wait()
@@ -1406,6 +1477,48 @@ class SplitView:
                     self.on_key(key)
         finally:
             loop.remove_reader(keyboard)
+
+    async def read_keys_in_thread(self) -> None:
+        """Read keys in a thread that only hands each keystroke to the loop, as plain mode reads lines.
+
+        The thread waits at most KEY_WAIT_SECONDS at a time, so that when the user
+        leaves it stops before the terminal's modes are put back.
+        """
+        loop, stop = asyncio.get_running_loop(), threading.Event()
+
+        def hand_over(*call) -> None:
+            """Run a call on the loop's thread (unless the loop has closed)."""
+            try:
+                loop.call_soon_threadsafe(*call)
+            except RuntimeError:
+                stop.set()  # the loop has closed: the client is on its way out
+
+        def read() -> None:
+            """The thread: wait for a keystroke, pass it on, until told to stop."""
+            while not stop.is_set():
+                try:
+                    key = self.term.inkey(timeout=KEY_WAIT_SECONDS, esc_delay=ESC_DELAY_SECONDS)
+                except EOFError:  # the terminal has gone
+                    return hand_over(self.quit)
+                if key:
+                    hand_over(self.on_key, key)
+
+        reader = threading.Thread(target=read, name="keys", daemon=True)
+        reader.start()
+        try:
+            await loop.create_future()  # until the run ends and cancels this task
+        finally:
+            stop.set()
+            reader.join(KEY_WAIT_SECONDS + 1)
+
+    async def watch_size(self) -> None:
+        """Repaint when the terminal's size changes, by looking (where no SIGWINCH says so)."""
+        size = (self.term.width, self.term.height)
+        while True:
+            await asyncio.sleep(SIZE_CHECK_SECONDS)
+            if (self.term.width, self.term.height) != size:
+                size = (self.term.width, self.term.height)
+                self.repaint()
 
     def on_key(self, key: blessed.keyboard.Keystroke) -> None:
         """One keystroke: an action from KEY_ACTIONS, or a character to insert."""
@@ -1474,21 +1587,29 @@ class SplitView:
         A crash in a task (keys, drawing, connection) ends the run with its traceback;
         the terminal modes are context managers, so the terminal is restored first.
         """
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGWINCH, self.repaint)  # handlers run on the loop, between callbacks
-        loop.add_signal_handler(signal.SIGTSTP, self.suspend)
-        for signal_number in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signal_number, self.quit)
+        signals = SignalWatch(asyncio.get_running_loop())  # handlers run on the loop, between callbacks
+        for name in ("SIGINT", "SIGTERM", "SIGBREAK"):  # SIGBREAK: Ctrl-Break, on Windows
+            signals.on(name, self.quit)
+        if CAN_SUSPEND:
+            signals.on("SIGTSTP", self.suspend)
+        tasks = {asyncio.create_task(self.read_keys()), asyncio.create_task(self.draw_forever())}
+        if not signals.on("SIGWINCH", self.repaint):  # no SIGWINCH (Windows): look at the size now and then
+            tasks.add(asyncio.create_task(self.watch_size()))
         self.connection.start()
         self.repaint()
-        tasks = {asyncio.create_task(self.read_keys()), asyncio.create_task(self.draw_forever()),
-                 self.connection.task, asyncio.create_task(self.done.wait())}
-        while not self.done.is_set():
-            finished, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in finished:
-                task.result()  # raises if the task crashed; the connection task may just end
-        for task in tasks - {self.connection.task}:
-            task.cancel()
+        tasks |= {self.connection.task, asyncio.create_task(self.done.wait())}
+        try:
+            while not self.done.is_set():
+                finished, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in finished:
+                    task.result()  # raises if the task crashed; the connection task may just end
+        finally:
+            helpers = tasks - {self.connection.task}
+            for task in helpers:
+                task.cancel()
+            if helpers:
+                await asyncio.wait(helpers)  # the key reader has stopped before the terminal is restored
+            signals.close()
         await self.connection.close()
 
 
@@ -1519,6 +1640,7 @@ KEY_ACTIONS: dict[str, Callable[[SplitView], None]] = {
     ctrl("p"): lambda view: view.switch_room(-1),
     ctrl("l"): SplitView.repaint,
     ctrl("d"): SplitView.quit_if_empty,
+    ctrl("c"): SplitView.quit,  # a terminal usually turns Ctrl-C into SIGINT; where it arrives as a key
 }
 
 
