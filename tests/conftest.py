@@ -1,10 +1,13 @@
 """Shared test helpers: a real chat server on a free port, and a chat client per user.
 
-pytest-tornado starts `chat.make_app(manager)` on a free port for every test that
-asks for `http_server` (the `chat_server` fixture does). Limits come from
-`@pytest.mark.limits(...)`, so a test can shrink a limit to make itself fast:
+pytest-tornado starts `chat.make_app(manager, socket_class)` on a free port for every
+test that asks for `http_server` (the `chat_server` fixture does). By default that is
+the full server (`python chat.py`); a test module that sets `BOTH_LESSONS = True` runs
+each of its tests twice, also against Part I alone (`python chat.py --lesson=1`).
+Limits come from `@pytest.mark.limits(...)`, so a test can shrink a limit to make
+itself fast:
 
-    @pytest.mark.limits(max_message_chars=10)
+    @pytest.mark.limits(max_message_length=10)
     @pytest.mark.gen_test
     async def test_something(chat_server):
         alice = await chat_server.join("alice")
@@ -38,6 +41,15 @@ WAIT_SECONDS = 5.0  # generous: waits end as soon as the event arrives
 def pytest_configure(config):
     """Register the markers these tests use."""
     config.addinivalue_line("markers", "limits(**fields): chat.Limits for this test's server")
+    config.addinivalue_line("markers", "lesson(n): test only this lesson's server (in a BOTH_LESSONS module)")
+
+
+def pytest_generate_tests(metafunc):
+    """Run a module's server tests on both lessons' servers when it says BOTH_LESSONS = True."""
+    if "lesson" in metafunc.fixturenames and getattr(metafunc.module, "BOTH_LESSONS", False):
+        only = metafunc.definition.get_closest_marker("lesson")
+        lessons = [only.args[0]] if only else [1, 2]
+        metafunc.parametrize("lesson", lessons, ids=[{1: "part1", 2: "full"}[n] for n in lessons])
 
 
 class ChatClient:
@@ -140,15 +152,21 @@ def limits(request) -> chat.Limits:
 
 
 @pytest.fixture
-def manager(limits) -> chat.RoomManager:
-    """The room manager behind the server under test."""
-    return chat.RoomManager(limits)
+def lesson() -> int:
+    """Which server to test: 2 is `python chat.py`, 1 is Part I alone (see BOTH_LESSONS)."""
+    return 2
 
 
 @pytest.fixture
-def app(manager):
+def manager(limits, lesson) -> chat.RoomManager:
+    """The room manager behind the server under test."""
+    return chat.LESSONS[lesson].manager(limits)
+
+
+@pytest.fixture
+def app(manager, lesson):
     """The Tornado application pytest-tornado serves on `http_port`."""
-    return chat.make_app(manager)
+    return chat.make_app(manager, chat.LESSONS[lesson].socket)
 
 
 @pytest.fixture

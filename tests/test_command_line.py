@@ -1,6 +1,7 @@
 """`python chat.py` as a program: flags, the port rule and start-up errors."""
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -93,14 +94,14 @@ def test_limit_flags_reach_the_server(chat_process):
     """Limit flags set the server's limits, as /status reports them."""
     _, port = chat_process("--max-message-length=42", "--rate-per-second=0", "--idle-timeout=0")
     limits = status(port)["limits"]
-    assert (limits["max_message_chars"], limits["rate_per_second"], limits["idle_timeout_seconds"]) == (42, 0, 0)
+    assert (limits["max_message_length"], limits["rate_per_second"], limits["idle_timeout"]) == (42, 0, 0)
 
 
 def test_the_defaults_suit_a_class():
     """100 users can share one room, and people may type a few lines a second."""
     limits = chat.Limits()
     assert limits.room_capacity >= 100 and limits.rate_burst >= 5 and limits.rate_per_second >= 2
-    assert limits.max_message_chars == 500 and limits.max_backlog_bytes == 1024 * 1024
+    assert limits.max_message_length == 500 and limits.max_backlog == 1024 * 1024
     assert 4096 <= limits.max_frame_bytes <= 16 * 1024
 
 
@@ -112,9 +113,37 @@ def test_a_nonsensical_limit_is_a_clear_error(flag):
     assert flag.split("=")[0] in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("flag, says", [("--nope", "Unrecognized"), ("--port=abc", "bad value")])
-def test_an_unknown_flag_or_a_bad_value_is_a_clear_error(flag, says):
-    """Mistyped flags get one sentence on stderr and a non-zero exit, not a traceback."""
-    result = run_chat(flag)
+@pytest.mark.parametrize("flags, says", [
+    (["--nope"], "unrecognized arguments: --nope"),
+    (["--port=abc"], "--port: must be a port number"),
+    (["--port", "70000"], "--port: must be a port number"),
+    (["--rate-burst=many"], "--rate-burst: invalid int value"),
+])
+def test_an_unknown_flag_or_a_bad_value_is_one_sentence_pointing_to_help(flags, says):
+    """A mistyped flag gets one line on stderr that names it and points to --help; no usage dump."""
+    result = run_chat(*flags)
     assert result.returncode != 0
-    assert says in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert says in result.stderr and "--help" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_flag_value_may_follow_after_a_space(chat_process):
+    """`--port 9000` works as well as `--port=9000`, for every flag."""
+    process, port = chat_process("--max-message-length", "42")  # chat_process passes --port=N
+    assert status(port)["limits"]["max_message_length"] == 42
+
+
+def test_flags_with_underscores_still_work(chat_process):
+    """`--max_message_length=42` (the older spelling) means `--max-message-length=42`."""
+    _, port = chat_process("--max_message_length=42")
+    assert status(port)["limits"]["max_message_length"] == 42
+
+
+def test_help_lists_the_flags_in_the_readme_order_without_machine_paths():
+    """--help shows chat.py's own flags, in the order of the README's table, and no file paths."""
+    help_text = run_chat("--help").stdout
+    flags_section = (ROOT / "README.md").read_text().split("## Flags and limits")[1].split("\n## ")[0]
+    readme_flags = re.findall(r"^\| `(--[a-z-]+)`", flags_section, re.M)
+    positions = [re.search(rf"^  {flag}\b", help_text, re.M).start() for flag in readme_flags]
+    assert readme_flags and positions == sorted(positions)
+    assert str(ROOT) not in help_text and "site-packages" not in help_text

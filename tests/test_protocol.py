@@ -7,6 +7,8 @@ import pytest
 
 import chat
 
+BOTH_LESSONS = True  # every test here runs on Part I alone too: the simple server stays correct
+
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
@@ -106,7 +108,7 @@ async def test_room_members_are_told_when_a_user_quits(chat_server):
         ("lobby", "leave", "bob"), ("general", "leave", "bob")}
 
 
-@pytest.mark.limits(resume_grace_seconds=0)
+@pytest.mark.limits(resume_grace=0)
 @pytest.mark.gen_test
 async def test_an_abrupt_disconnect_leaves_the_server_serving_others(chat_server):
     """A client that vanishes without a close frame is removed; the others chat on."""
@@ -278,6 +280,7 @@ async def test_commands_ignore_case(chat_server):
     assert (await alice.expect("rooms"))["rooms"] == [{"name": "lobby", "users": 1}]
 
 
+@pytest.mark.lesson(2)  # quiet big rooms are Part II (section 10)
 @pytest.mark.limits(announce_limit=2)
 @pytest.mark.gen_test
 async def test_rooms_bigger_than_the_announce_limit_get_no_join_or_leave_notices(chat_server):
@@ -356,7 +359,7 @@ async def test_an_empty_or_blank_message_is_refused(chat_server, line):
     assert (await alice.expect("error"))["code"] == "empty_message"
 
 
-@pytest.mark.limits(max_message_chars=10)
+@pytest.mark.limits(max_message_length=10)
 @pytest.mark.gen_test
 async def test_an_over_limit_message_is_refused_to_the_sender_only(chat_server):
     """Over the length limit: error `message_too_long` to the sender; nobody gets the text."""
@@ -395,7 +398,7 @@ async def test_a_double_slash_sends_a_line_that_starts_with_a_slash(chat_server)
 
 
 @pytest.mark.limits(rate_per_second=0, room_capacity=0)
-@pytest.mark.gen_test
+@pytest.mark.gen_test(timeout=60)  # Part I leaves Nagle's algorithm on: ~40 ms per round trip
 async def test_random_traffic_reaches_every_member_and_no_one_else(chat_server):
     """24 clients join, leave and talk at random in 4 rooms: each member gets every message of its rooms, in order, and no other."""
     rng = random.Random(20261125)

@@ -1,11 +1,13 @@
 """The README stays true to the code: tour anchors, flags, codes and the test command."""
 
 import ast
+import dataclasses
 import re
+import subprocess
+import sys
 
 import pytest
 from conftest import ROOT
-from tornado.options import options
 
 import chat
 
@@ -47,8 +49,11 @@ def test_each_tour_anchor_points_at_its_section_banner(number, title, line):
 
 
 def chat_flags() -> list[str]:
-    """The flags chat.py defines (tornado's own logging flags aside)."""
-    return [name for name, option in options._options.items() if option.file_name.endswith("chat.py")]
+    """The flags chat.py defines: one per Limits field, and the others its --help lists."""
+    parser_flags = re.findall(r"^  (--[a-z-]+)", subprocess.run(
+        [sys.executable, str(ROOT / "chat.py"), "--help"], capture_output=True, text=True, check=True).stdout, re.M)
+    assert {f"--{field.name.replace('_', '-')}" for field in dataclasses.fields(chat.Limits)} <= set(parser_flags)
+    return [flag[2:].replace("-", "_") for flag in parser_flags if flag != "--help"]
 
 
 @pytest.mark.parametrize("flag", chat_flags())

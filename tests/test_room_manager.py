@@ -6,7 +6,14 @@ one room, the lobby exists, no empty room other than the lobby survives, and a
 message reaches the members of its room and nobody else.
 """
 
+import ast
+import inspect
+import subprocess
+import sys
+import textwrap
+
 import pytest
+from conftest import ROOT
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -64,7 +71,7 @@ class RoomManagerMachine(RuleBasedStateMachine):
         super().__init__()
         self.timers = ManualTimers()
         limits = chat.Limits(rate_per_second=0, room_capacity=3, max_connections=4)
-        self.manager = chat.RoomManager(limits, call_later=self.timers.call_later)
+        self.manager = chat.CrowdRoomManager(limits, call_later=self.timers.call_later)
         self.connections: dict[str, RecordingConnection] = {}  # live ones, by folded name
         self.sent = 0
 
@@ -253,7 +260,7 @@ def test_timestamps_are_iso8601_utc_with_milliseconds(now, text):
 @example(line="/join \u202e")
 def test_any_typed_line_gets_exactly_one_answer_and_never_breaks_the_manager(line):
     """Bad input of any kind is refused with an error for that user only; nothing raises."""
-    manager = chat.RoomManager(chat.Limits(rate_per_second=0), call_later=ManualTimers().call_later)
+    manager = chat.CrowdRoomManager(chat.Limits(rate_per_second=0), call_later=ManualTimers().call_later)
     alice, bob = RecordingConnection(), RecordingConnection()
     user = manager.connect("alice", None, alice)
     manager.connect("bob", None, bob)
@@ -265,3 +272,28 @@ def test_any_typed_line_gets_exactly_one_answer_and_never_breaks_the_manager(lin
         assert len(bob.events) == before_bob  # a refusal is for the sender only
     for event in alice.events[before_alice:]:
         assert not any(ch in event.get("text", "") for ch in "\x1b\x07\x9b\u202e")
+
+
+# ---- the single-threaded rule, executable ----
+
+
+def manager_classes() -> list[type]:
+    """RoomManager and every Part II subclass of it that chat.py defines."""
+    return [cls for cls in vars(chat).values()
+            if isinstance(cls, type) and issubclass(cls, chat.RoomManager) and cls.__module__ == "chat"]
+
+
+@pytest.mark.parametrize("cls", manager_classes(), ids=lambda cls: cls.__name__)
+def test_no_room_manager_method_is_async_or_awaits(cls):
+    """Chat state needs no locks only while no manager method can pause midway: no `async`, no `await`."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    pausing = [f"{node.name} (async)" for node in ast.walk(tree) if isinstance(node, ast.AsyncFunctionDef)]
+    pausing += [f"await at line {node.lineno}" for node in ast.walk(tree) if isinstance(node, ast.Await)]
+    assert pausing == [], f"{cls.__name__} would let another client in midway: {pausing}"
+
+
+def test_chat_py_can_be_imported_and_reloaded_in_one_process():
+    """A student editing chat.py beside the notebook can `importlib.reload(chat)`."""
+    script = "import importlib, chat; importlib.reload(chat); importlib.reload(chat); print(chat.LOBBY)"
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert (result.returncode, result.stdout.strip()) == (0, "lobby"), result.stderr
