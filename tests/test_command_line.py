@@ -147,3 +147,33 @@ def test_help_lists_the_flags_in_the_readme_order_without_machine_paths():
     positions = [re.search(rf"^  {flag}\b", help_text, re.M).start() for flag in readme_flags]
     assert readme_flags and positions == sorted(positions)
     assert str(ROOT) not in help_text and "site-packages" not in help_text
+
+
+def start_up_lines(chat_process, *flags: str) -> tuple[str, int]:
+    """What the server prints when it starts (it is stopped with SIGTERM right after)."""
+    process, port = chat_process(*flags)
+    process.terminate()
+    output, _ = process.communicate(timeout=20)
+    return output, port
+
+
+def test_start_up_names_the_addresses_people_can_use(chat_process):
+    """On every interface, the server prints this machine's URL and each LAN address's, with the client command."""
+    output, port = start_up_lines(chat_process)
+    assert f"http://localhost:{port}/" in output
+    for ip in chat.lan_addresses():
+        assert f"http://{ip}:{port}/" in output and f"python client.py NAME --host {ip} --port {port}" in output
+    assert "Ctrl-C" in output
+
+
+def test_start_up_on_one_address_names_only_that_one(chat_process):
+    """With --address=127.0.0.1 the server says localhost and no LAN address (nobody else can reach it)."""
+    output, port = start_up_lines(chat_process, "--address=127.0.0.1")
+    assert f"http://localhost:{port}/" in output
+    assert not any(f"http://{ip}:{port}/" in output for ip in chat.lan_addresses())
+
+
+def test_lan_addresses_are_ipv4_and_never_loopback():
+    """The addresses offered to other laptops are real IPv4 addresses of this machine, not 127.x."""
+    for ip in chat.lan_addresses():
+        assert ip.count(".") == 3 and not ip.startswith("127.")

@@ -1,4 +1,4 @@
-"""Hardening: the limits and protections of SPEC.md, "Server", one behaviour per test.
+"""Hardening: the limits and protections the README lists, one behaviour per test.
 
 Every limit is shrunk by a `limits` marker so each test runs in milliseconds, and
 every wait is on an event (or a polled condition) with a short deadline: a hang

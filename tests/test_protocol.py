@@ -1,4 +1,4 @@
-"""The wire protocol, spec order: connections, rooms, messaging. Real server, real WebSocket."""
+"""The wire protocol, in the README's order: connections, rooms, messaging. Real server, real WebSocket."""
 
 import random
 import re

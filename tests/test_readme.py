@@ -100,3 +100,12 @@ def test_every_function_and_class_in_chat_py_has_a_docstring():
     missing = [f"{node.name} (line {node.lineno})" for node in ast.walk(tree)
                if isinstance(node, kinds) and not ast.get_docstring(node)]
     assert missing == []
+
+
+def test_no_project_file_cites_a_document_the_repository_does_not_contain():
+    """The README is the only spec users have: nothing points them at notes they cannot open."""
+    cited = re.compile("|".join(["SPEC" + r"\.md", "seed-" + "spec", "STYLE" + r"\.md", "PERF-" + "NOTES",
+                                 "TESTING-" + "NOTES", r"\bthe " + r"spec\b"]), re.IGNORECASE)
+    files = [ROOT / "README.md", ROOT / "chat.py", ROOT / "client.py", *sorted((ROOT / "tests").glob("*.py"))]
+    files += [path for path in [ROOT / "chat.html", ROOT / "demo.ipynb"] if path.exists()]
+    assert [path.name for path in files if cited.search(path.read_text(encoding="utf-8"))] == []

@@ -1,7 +1,7 @@
 """The room manager alone, without sockets: a hypothesis state machine checks its invariants.
 
 Random sequences of connect, join, leave, send, disconnect (polite or abrupt),
-resume and grace expiry must keep the rules of the spec: everyone is in at least
+resume and grace expiry must keep the rules the README states: everyone is in at least
 one room, the lobby exists, no empty room other than the lobby survives, and a
 message reaches the members of its room and nobody else.
 """
@@ -65,7 +65,7 @@ class ManualTimer:
 
 
 class RoomManagerMachine(RuleBasedStateMachine):
-    """Drives one RoomManager with random steps and checks the spec's invariants after each."""
+    """Drives one RoomManager with random steps and checks the chat rules (invariants) after each."""
 
     def __init__(self):
         super().__init__()
