@@ -41,9 +41,11 @@ from __future__ import annotations  # `str | None` in annotations on Python 3.9
 
 import sys
 
-if sys.version_info < (3, 9):  # checked before any import an older Python could trip over
+# Checked before any import an older Python could trip over. (No `:=` in this file
+# either, so that Python 3.7 gets this far; 3.6 stops at the line above.)
+if sys.version_info < (3, 9):
     sys.exit("client.py needs Python 3.9 or newer; this is Python %d.%d. "
-             "Install a newer Python from python.org and run it again." % sys.version_info[:2])
+             "Install a newer Python from python.org." % sys.version_info[:2])
 
 import argparse
 import asyncio
@@ -854,7 +856,10 @@ class Connection:
         Enter (plain mode over pipes).
         """
         while True:
-            while (frame := await self.ws.read_message()) is not None:
+            while True:
+                frame = await self.ws.read_message()
+                if frame is None:
+                    break
                 self.receive(frame)
             close_code, reason = self.ws.close_code, self.ws.close_reason or ""
             self.lose_connection()
@@ -1110,7 +1115,7 @@ def read_stdin_in_thread(loop: asyncio.AbstractEventLoop, on_line: Callable[[str
     def read() -> None:
         """The thread: split what stdin gives into lines, until it ends."""
         decoder, pending = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
-        while chunk := raw_stdin.read(65536):
+        for chunk in iter(lambda: raw_stdin.read(65536), b""):
             *lines, pending = (pending + decoder.decode(chunk)).split("\n")
             for line in lines:
                 schedule(on_line, line.removesuffix("\r"))
@@ -1140,9 +1145,10 @@ async def run_plain(settings: Settings) -> int:
         """
         if finished.is_set():
             return
+        too_long = too_long_note(model, line)
         if line.strip().lower() in QUIT_COMMANDS:
             finished.set()
-        elif too_long := too_long_note(model, line):
+        elif too_long:
             print_lines([note(model, f"message_too_long: {too_long}", kind="error")])
         else:
             connection.wake()
@@ -1473,7 +1479,7 @@ class SplitView:
             while True:
                 await readable.wait()
                 readable.clear()
-                while key := self.term.inkey(timeout=0, esc_delay=ESC_DELAY_SECONDS):
+                for key in iter(lambda: self.term.inkey(timeout=0, esc_delay=ESC_DELAY_SECONDS), ""):
                     self.on_key(key)
         finally:
             loop.remove_reader(keyboard)
@@ -1541,7 +1547,8 @@ class SplitView:
         text = self.model.input.text
         if text.strip().lower() in QUIT_COMMANDS:
             return self.quit()
-        if too_long := too_long_note(self.model, text):
+        too_long = too_long_note(self.model, text)
+        if too_long:
             note(self.model, too_long, kind="error")
             return
         self.connection.wake()
