@@ -643,7 +643,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         if self.ws_connection is None or self.ws_connection.is_closing():
             return  # closed meanwhile: the member is gone, not an error
         try:
-            self.write_message(outbound.text)
+            self.write_message(outbound.text).add_done_callback(forget_unsent)
         except StreamBufferFullError:
             self.drop_slow_consumer()
         except tornado.websocket.WebSocketClosedError:
@@ -670,6 +670,12 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         text = "The server is shutting down. Goodbye!"
         self.send(Outbound(system_event(self.manager.timestamp(), text, event="shutdown")))
         self.close_by_server(CLOSE_GOING_AWAY, "server shutting down")
+
+
+def forget_unsent(write: asyncio.Future) -> None:
+    """A write cut short by the connection closing is no error: on_close does the leaving."""
+    if not write.cancelled():
+        write.exception()  # looked at, so asyncio does not log it as "never retrieved"
 
 
 # ---- 7. HTTP endpoints: status and the web page --------------------------------------
