@@ -58,6 +58,7 @@ import re
 import signal
 import threading
 import time
+import unicodedata
 import zlib
 from collections import deque
 from collections.abc import Callable
@@ -89,12 +90,15 @@ WELCOME_TIMEOUT_SECONDS = 5.0  # from the handshake to the server's welcome
 PING_INTERVAL_SECONDS = 20.0  # notice a dead link even when nobody talks
 BACKOFF_FIRST_SECONDS = 0.5  # reconnect delays double from here ...
 BACKOFF_CAP_SECONDS = 10.0  # ... up to here
+STABLE_SECONDS = 10.0  # a connection that lasted this long resets the reconnect delays
+HELD_WAIT_LIMIT_SECONDS = 120.0  # your own name held after a crash: wait at most this long for it
 REPLY_WAIT_SECONDS = 5.0  # plain mode, end of input: wait this long for the echoes
 CLOSE_WAIT_SECONDS = 2.0  # how long the server may take to answer our close frame
 ESC_DELAY_SECONDS = 0.05  # a lone Esc: how long to wait for the rest of a key's sequence
 KEY_WAIT_SECONDS = 0.1  # where a thread reads keys (Windows): how often it checks whether to stop
 SIZE_CHECK_SECONDS = 0.25  # where no SIGWINCH tells of a resize (Windows): how often to look
 
+FRAMES_PER_SECOND = 20  # the split view repaints at most this often, however busy the room
 SCROLLBACK_LINES = 2000  # kept per room
 HISTORY_LINES = 500  # input lines Up/Down can bring back
 NEAR_LIMIT_FRACTION = 0.8  # the n/limit counter shows from 80 % of the length limit
@@ -167,17 +171,27 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
 # with wcwidth, because a CJK character or an emoji takes two columns.
 
 # C0 and C1 controls, ESC and DEL could move the cursor, recolour or clear the
-# screen; bidi overrides and isolates make text read backwards; lone surrogates
+# screen; format characters include the bidi overrides and isolates that make
+# text read backwards and the zero-width ones that hide text; lone surrogates
 # (JSON can carry them) cannot be encoded for the terminal at all.
-UNSAFE_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
-SPACING_CONTROLS = re.compile("[\t\n\r\x0b\x0c]")  # these become a space, so words stay apart
-ZERO_WIDTH_JOINER = "\u200d"
+SPACING_CONTROLS = re.compile("[\t\n\r\x0b\x0c\u2028\u2029]")  # these become a space, so words stay apart
+UNSAFE_ASCII = re.compile("[\x00-\x1f\x7f]")
+UNSAFE_CATEGORIES = {"Cc", "Cf", "Cs"}  # Unicode's control, format and surrogate characters
+ZERO_WIDTH_JOINER = "\u200d"  # a format character emoji need (woman, ZWJ, laptop is one emoji): kept
 
 
 def clean(value: object) -> str:
-    """Any server-supplied value as text that is safe to print: no control characters."""
+    """Any server-supplied value as text that is safe to print: no control or format characters."""
     text = value if isinstance(value, str) else "" if value is None else str(value)
-    return UNSAFE_CHARS.sub("", SPACING_CONTROLS.sub(" ", text))
+    text = SPACING_CONTROLS.sub(" ", text)
+    if text.isascii():  # most text: one quick pass
+        return UNSAFE_ASCII.sub("", text)
+    return "".join(char for char in text if is_safe(char))
+
+
+def is_safe(char: str) -> bool:
+    """Whether one character may reach the terminal."""
+    return char == ZERO_WIDTH_JOINER or unicodedata.category(char) not in UNSAFE_CATEGORIES
 
 
 def clean_list(value: object) -> list[str]:
@@ -206,13 +220,26 @@ def cell_width(cell: str) -> int:
     return max(wcswidth(cell), 0)
 
 
+def is_narrow(text: str) -> bool:
+    """Whether every character of text takes exactly one column (printable ASCII: most chat lines).
+
+    The width helpers take a shortcut for such text: measuring it cell by cell
+    would cost more than everything else the client does with a line.
+    """
+    return text.isascii() and text.isprintable()
+
+
 def text_width(text: str) -> int:
     """Columns a text takes on the terminal."""
+    if is_narrow(text):
+        return len(text)
     return sum(cell_width(cell) for cell in cells(text))
 
 
 def clip(text: str, width: int) -> str:
     """The start of text that fits in width columns (a wide character never gets cut in half)."""
+    if is_narrow(text):
+        return text[:max(width, 0)]
     kept, used = [], 0
     for cell in cells(text):
         used += cell_width(cell)
@@ -260,15 +287,20 @@ def hard_wrap(text: str, width: int) -> list[str]:
 
 def wrap(text: str, width: int) -> list[str]:
     """Break text into rows of at most width columns, at spaces where possible."""
-    rows = [""]
+    if text_width(text) <= width:
+        return [text]
+    rows, used = [""], 0  # used: the columns of the last row
     for index, word in enumerate(text.split(" ")):
-        candidate = f"{rows[-1]} {word}" if index else word
-        if text_width(candidate) <= width:
-            rows[-1] = candidate
-        elif text_width(word) <= width:
+        word_width = text_width(word)
+        if index and used + 1 + word_width <= width or not index and word_width <= width:
+            rows[-1] += f" {word}" if index else word
+            used += word_width + (1 if index else 0)
+        elif word_width <= width:
             rows.append(word)  # the space at the break is dropped
-        else:
-            rows[-1:] = hard_wrap(candidate, width)  # a word longer than a row (or CJK text)
+            used = word_width
+        else:  # a word longer than a row (or CJK text)
+            rows[-1:] = hard_wrap(f"{rows[-1]} {word}" if index else word, width)
+            used = text_width(rows[-1])
     return rows
 
 
@@ -323,7 +355,10 @@ class Room:
     users: list[str] = field(default_factory=list)  # at most 200, as the server sends them
     user_count: int = 0
     unread: int = 0  # messages that arrived while another room was current
-    scroll_rows: int = 0  # how far the view is scrolled up from the newest line, in screen rows
+    # Scrolled up, the view stays where it is while new lines arrive below it:
+    scroll_rows: int = 0  # how far the view is scrolled up, in screen rows, from ...
+    lines_below: int = 0  # ... the lines that arrived after the view was scrolled up
+    new_below: int = 0  # how many of those are messages, for the "new messages below" marker
 
 
 @dataclass
@@ -336,7 +371,8 @@ class Model:
     rooms: dict[str, Room] = field(default_factory=dict)  # keyed by room name (stored lower-case)
     left_rooms: dict[str, Room] = field(default_factory=dict)  # rooms we left: their scrollback comes back
     known_rooms: set[str] = field(default_factory=set)  # from /rooms replies, for Tab completion
-    limit_chars: int = 0  # welcome.limits.max_message_chars; 0 = no limit
+    limit_chars: int = 0  # welcome.limits.max_message_length; 0 = no limit
+    last_seq: int = 0  # the highest message `seq` seen: a resume asks for what came after it
     rate: "Pacer | None" = None  # the server's rate limit, from welcome: pasted lines are paced by it
     state: str = "connecting"  # connecting, connected, reconnecting or offline
     state_detail: str = ""  # e.g. "in 2 s (attempt 3)", shown after the state
@@ -362,12 +398,24 @@ def forget_room(model: Model, name: str) -> None:
 
 
 def add_line(model: Model, line: Line) -> Line:
-    """Append a line to its room's scrollback; a message for another room counts as unread."""
+    """Append a line to its room's scrollback; a message for another room counts as unread.
+
+    While the room's view is scrolled up, the line goes below the view, which stays put.
+    """
     room = ensure_room(model, line.room or model.room)
     room.lines.append(line)
     if line.kind == "message" and room.name != model.room:
         room.unread += 1
+    if room.scroll_rows or room.lines_below:
+        room.lines_below = min(room.lines_below + 1, len(room.lines))
+        if line.kind == "message":
+            room.new_below += 1
     return line
+
+
+def show_newest(room: Room) -> None:
+    """Scroll a room's view back down to its newest line, which it then follows."""
+    room.scroll_rows = room.lines_below = room.new_below = 0
 
 
 def room_order(name: str) -> list:
@@ -391,6 +439,12 @@ def whole_number(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
+def seconds(value: object) -> float:
+    """A duration from the server, or 0 if it is not a number of seconds."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")
+    return float(value) if ok else 0.0
+
+
 def name_list(names: list[str], total: int, most: int = 10) -> str:
     """Names for a sentence: "alice, bob and 3 more"."""
     shown = ", ".join(names[:most])
@@ -412,10 +466,18 @@ def on_welcome(model: Model, event: dict) -> list[Line]:
         ensure_room(model, name)
     model.room = clean(event.get("room")) or (rooms[-1] if rooms else LOBBY)
     limits = event.get("limits") if isinstance(event.get("limits"), dict) else {}
-    model.limit_chars = whole_number(limits.get("max_message_chars"))
+    model.limit_chars = whole_number(limits.get("max_message_length", limits.get("max_message_chars")))
     model.rate = Pacer.from_limits(limits)
+    if not event.get("resumed"):
+        model.last_seq = 0  # a new session: nothing of it seen yet
     set_state(model, "connected")
-    return [note(model, welcome_text(model, event))]
+    lines = [note(model, welcome_text(model, event))]
+    lost = whole_number(event.get("lost"))
+    if lost:
+        them = "message" if lost == 1 else "messages"
+        lines.append(note(model, f"{lost} earlier {them} could not be replayed: the server no longer "
+                                 f"had {'it' if lost == 1 else 'them'}.", kind="error"))
+    return lines
 
 
 def welcome_text(model: Model, event: dict) -> str:
@@ -433,9 +495,18 @@ def on_message(model: Model, event: dict) -> list[Line]:
     """message: a chat line in one of our rooms; in another room it counts as unread."""
     line = Line("message", clean(event.get("text")), local_time(event.get("timestamp")),
                 clean(event.get("username")), clean(event.get("room")))
-    if event.get("replayed") and line in ensure_room(model, line.room or model.room).lines:
+    seq = whole_number(event.get("seq"))
+    if event.get("replayed") and already_shown(model, line, seq):
         return []  # a missed message is shown once, even if it had already arrived
+    model.last_seq = max(model.last_seq, seq)
     return [add_line(model, line)]
+
+
+def already_shown(model: Model, line: Line, seq: int) -> bool:
+    """Whether a replayed message had arrived before: its seq says so (or, without one, the same line is there)."""
+    if seq:
+        return seq <= model.last_seq
+    return line in ensure_room(model, line.room or model.room).lines
 
 
 SYSTEM_KINDS = {"join": "join", "leave": "leave"}  # other system events are plain notices
@@ -467,10 +538,18 @@ def on_joined(model: Model, event: dict) -> list[Line]:
     set_users(room, event)
     room.unread = 0
     model.room = name
-    line = Line("info", f"Now in #{name} with {name_list(room.users, room.user_count)}.", local_time())
+    line = Line("info", f"Now in #{name}{company(model, room)}.", local_time())
     if is_new:
-        room.lines.append(line)  # switching back to a room adds nothing to its scrollback,
+        add_line(model, line)  # switching back to a room adds nothing to its scrollback,
     return [line]  # but plain mode prints it either way
+
+
+def company(model: Model, room: Room) -> str:
+    """Who else is in a room, for a sentence: " with bob, carol", or that nobody is."""
+    others = [name for name in room.users if name.lower() != model.username.lower()]
+    if not others:
+        return ": nobody else is here yet"
+    return f" with {name_list(others, max(room.user_count - 1, len(others)))}"
 
 
 def set_users(room: Room, event: dict) -> None:
@@ -512,8 +591,8 @@ def on_help(model: Model, event: dict) -> list[Line]:
 
 
 def on_error(model: Model, event: dict) -> list[Line]:
-    """error: the server refused something; say what, visibly."""
-    text = f"{clean(event.get('code')) or 'error'}: {clean(event.get('text'))}"
+    """error: the server refused something; say what, visibly (its sentence: the code is for programs)."""
+    text = clean(event.get("text")) or f"The server refused that ({clean(event.get('code')) or 'no reason given'})."
     return [note(model, text, kind="error")]
 
 
@@ -554,7 +633,11 @@ class Completion:
 
 @dataclass
 class InputLine:
-    """The line being typed: its text and cursor, the history, and any completion in progress."""
+    """The line being typed: its text and cursor, the history, and any completion in progress.
+
+    Editing a line recalled from the history makes it the draft: browsing ends
+    there, and Up then Down come back to it rather than to the older draft.
+    """
 
     text: str = ""
     cursor: int = 0  # an index into text: the cursor sits before text[cursor]
@@ -564,23 +647,32 @@ class InputLine:
     completion: Completion | None = None
 
     def set(self, text: str) -> None:
-        """Replace the whole line, cursor at the end."""
+        """Replace the whole line, cursor at the end (Ctrl-U sets it empty)."""
+        self.show(text)
+        self.browsing = None
+
+    def show(self, text: str) -> None:
+        """Put a line from the history (or the draft) in place, cursor at the end."""
         self.text, self.cursor = text, len(text)
 
     def insert(self, chars: str) -> None:
         """Type characters at the cursor."""
         self.text = self.text[:self.cursor] + chars + self.text[self.cursor:]
         self.cursor += len(chars)
+        self.browsing = None
 
     def backspace(self) -> None:
         """Delete the character before the cursor."""
         if self.cursor:
             self.text = self.text[:self.cursor - 1] + self.text[self.cursor:]
             self.cursor -= 1
+            self.browsing = None
 
     def delete(self) -> None:
         """Delete the character under the cursor."""
-        self.text = self.text[:self.cursor] + self.text[self.cursor + 1:]
+        if self.cursor < len(self.text):
+            self.text = self.text[:self.cursor] + self.text[self.cursor + 1:]
+            self.browsing = None
 
     def move(self, steps: int) -> None:
         """Move the cursor left (negative) or right, staying inside the line."""
@@ -590,6 +682,7 @@ class InputLine:
         """Delete the word before the cursor, and the spaces after it (Ctrl-W)."""
         start = self.text[:self.cursor].rstrip(" ").rfind(" ") + 1  # after the space before the word
         self.text, self.cursor = self.text[:start] + self.text[self.cursor:], start
+        self.browsing = None
 
     def take(self) -> str:
         """Enter: hand over the line, remember it in the history, start a new one."""
@@ -597,7 +690,6 @@ class InputLine:
         if text.strip() and (not self.history or self.history[-1] != text):
             self.history = (self.history + [text])[-HISTORY_LINES:]
         self.set("")
-        self.browsing = None
         return text
 
     def history_back(self) -> None:
@@ -606,7 +698,7 @@ class InputLine:
             self.draft, self.browsing = self.text, len(self.history)
         if self.browsing > 0:
             self.browsing -= 1
-            self.set(self.history[self.browsing])
+            self.show(self.history[self.browsing])
 
     def history_forward(self) -> None:
         """Down: show the next line from the history, and finally the unsent draft again."""
@@ -614,9 +706,8 @@ class InputLine:
             return
         self.browsing += 1
         if self.browsing < len(self.history):
-            self.set(self.history[self.browsing])
+            self.show(self.history[self.browsing])
         else:
-            self.browsing = None
             self.set(self.draft)
 
     def complete(self, pool: list[str]) -> None:
@@ -632,6 +723,7 @@ class InputLine:
         word = done.matches[done.index] + " "
         self.text = self.text[:done.start] + word + self.text[self.cursor:]
         self.cursor = done.start + len(word)
+        self.browsing = None
 
 
 def completion_pool(model: Model, before_cursor: str) -> list[str]:
@@ -647,31 +739,48 @@ def completion_pool(model: Model, before_cursor: str) -> list[str]:
 
 # ---- 6. Connection: log in, resume, reconnect ------------------------------------
 
-# Closes after which we stay offline: the server ended the session on purpose
-# (a refused login 4001-4004, the idle timeout 4008, taken over by a newer
-# connection 4010). Every other close we did not ask for is worth a reconnect:
-# the server never closes with 1000 on purpose (Tornado does, with "ping timed
-# out", when we missed its pings, say after the laptop slept), a 1009 or a broken
-# link (1006, None) leaves the session held for resume, and 1001 is a shutdown.
-FINAL_CLOSE_CODES = {4001, 4002, 4003, 4004, 4008, 4010}
+# WebSocket close codes, with chat.py's names and numbers (a test checks they agree).
 CLOSE_NORMAL = 1000
-CLOSE_SHUTDOWN = 1001
-CLOSE_IDLE = 4008
+CLOSE_GOING_AWAY = 1001  # the server is shutting down
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_TOO_BIG = 1009
+CLOSE_BAD_USERNAME = 4001
+CLOSE_USERNAME_TAKEN = 4002
+CLOSE_SERVER_FULL = 4003
 CLOSE_BAD_TOKEN = 4004
+CLOSE_ADDRESS_FULL = 4005
+CLOSE_IDLE = 4008
+CLOSE_SLOW_CONSUMER = 4009
+CLOSE_REPLACED = 4010
+CLOSE_FLOODING = 4029
+
+# Closes after which we stay offline: the server ended the session on purpose
+# (a refused login, the idle timeout, a takeover by a newer connection, flooding,
+# a protocol error), so trying again at once would only be refused again. Every
+# other close we did not ask for is worth a reconnect: the server never closes
+# with 1000 on purpose (Tornado does, with "ping timed out", when we missed its
+# pings, say after the laptop slept), a 1009, 4009 or a broken link (1006, None)
+# leaves the session held for resume, and 1001 is a shutdown.
+FINAL_CLOSE_CODES = {CLOSE_PROTOCOL_ERROR, CLOSE_BAD_USERNAME, CLOSE_USERNAME_TAKEN, CLOSE_SERVER_FULL,
+                     CLOSE_BAD_TOKEN, CLOSE_ADDRESS_FULL, CLOSE_IDLE, CLOSE_REPLACED, CLOSE_FLOODING}
 CLOSE_REASONS = {
     None: "the connection broke",
-    1000: "the server closed the connection",
-    1001: "the server is shutting down",
+    CLOSE_NORMAL: "the server closed the connection",
+    CLOSE_GOING_AWAY: "the server is shutting down",
+    CLOSE_PROTOCOL_ERROR: "the server found a protocol error and ended the session",
     1006: "the connection broke",
-    1009: "a line was too big for the server, so it was not sent",
-    4001: "the username was refused",
-    4002: "the username is taken",
-    4003: "the server is full",
-    4004: "the server no longer knows this session",
-    4008: "you were idle for too long",
-    4009: "the connection fell too far behind",
-    4010: "your session was taken over by a newer connection",
+    CLOSE_TOO_BIG: "a line was too big for the server, so it was not sent",
+    CLOSE_BAD_USERNAME: "the username was refused",
+    CLOSE_USERNAME_TAKEN: "the username is taken",
+    CLOSE_SERVER_FULL: "the server is full",
+    CLOSE_BAD_TOKEN: "the server no longer knows this session",
+    CLOSE_ADDRESS_FULL: "too many connections come from your address",
+    CLOSE_IDLE: "you were idle for too long",
+    CLOSE_SLOW_CONSUMER: "the connection fell too far behind",
+    CLOSE_REPLACED: "your session was taken over by a newer connection",
+    CLOSE_FLOODING: "you kept sending after the server asked you to slow down",
 }
+HELD_MARGIN_SECONDS = 0.5  # our own name held: try again this long after the server says it is free
 
 # What websocket_connect raises when it cannot reach a server that speaks WebSocket.
 CONNECT_ERRORS = (OSError, asyncio.TimeoutError, tornado.httpclient.HTTPClientError,
@@ -689,6 +798,15 @@ class Refused:
     code: str
     text: str
     close_code: int | None
+    held: bool = False  # the name is taken by a session held for resume (after a crash: probably ours)
+    retry_after: float = 0.0  # seconds until a held name is free again
+
+
+def held_wait(refused: Refused) -> float:
+    """Seconds to wait before trying a held name again; 0 if the refusal is of another kind."""
+    if not refused.held:
+        return 0.0
+    return max(refused.retry_after, HELD_MARGIN_SECONDS) + HELD_MARGIN_SECONDS
 
 
 def rejoin_order(rooms: list[str], current: str) -> list[str]:
@@ -714,7 +832,7 @@ def backoff_seconds(attempt: int, rand: Callable[[], float] = random.random) -> 
 
 def should_reconnect(close_code: int | None, after_shutdown: bool) -> bool:
     """Whether a close we did not ask for is worth retrying: all but a deliberate end of the session."""
-    if close_code == CLOSE_SHUTDOWN:
+    if close_code == CLOSE_GOING_AWAY:
         return after_shutdown  # the split view waits for the server to come back
     return close_code not in FINAL_CLOSE_CODES
 
@@ -748,10 +866,15 @@ def is_reply(event: dict, username: str) -> bool:
     return event.get("type") in ("joined", "rooms", "users", "help", "error")
 
 
-def login_url(url: str, username: str, token: str) -> str:
-    """The server URL with the login query: ?username=NAME, plus &token=T to resume."""
+def login_url(url: str, username: str, token: str = "", last_seq: int = 0) -> str:
+    """The server URL with the login query: ?username=NAME, plus &token=T&last_seq=N to resume.
+
+    last_seq is the last message we saw: the server replays what came after it.
+    """
     parts = urlsplit(url)
-    query = parse_qsl(parts.query) + [("username", username)] + ([("token", token)] if token else [])
+    query = parse_qsl(parts.query) + [("username", username)]
+    if token:
+        query += [("token", token)] + ([("last_seq", str(last_seq))] if last_seq else [])
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
@@ -807,13 +930,15 @@ class Connection:
         self.gave_up = False  # the server ended the session on purpose: offline until Enter (if revivable)
         self.wake_up = asyncio.Event()  # set by Enter while offline: try again
         self.idle_notice: dict | None = None  # the server's idle notice, shown with the close that follows
+        self.connected_at = 0.0  # when the last welcome arrived (time.monotonic)
+        self.quick_drops = 0  # connections in a row that ended within STABLE_SECONDS: longer delays
         self.task: asyncio.Task | None = None
 
     # -- logging in --
 
     async def log_in(self) -> Refused | None:
         """Open a connection and read up to the welcome; None if we are in, else the refusal."""
-        url = login_url(self.settings.url, self.model.username, self.token)
+        url = login_url(self.settings.url, self.model.username, self.token, self.model.last_seq)
         request = tornado.httpclient.HTTPRequest(  # the request timeout covers a server that never answers
             url, connect_timeout=CONNECT_TIMEOUT_SECONDS, request_timeout=CONNECT_TIMEOUT_SECONDS)
         self.ws = await tornado.websocket.websocket_connect(request, ping_interval=PING_INTERVAL_SECONDS)
@@ -828,20 +953,36 @@ class Connection:
             event = parse_event(frame)
             if event.get("type") == "error":
                 refused.code, refused.text = clean(event.get("code")), clean(event.get("text"))
+                refused.held, refused.retry_after = event.get("held") is True, seconds(event.get("retry_after"))
             elif event.get("type") == "welcome":
                 self.receive(frame)
                 return None
 
     async def connect_first(self) -> None:
-        """Log in for the first time; raise ClientError (one clear sentence) if that fails."""
-        try:
-            refused = await self.log_in()
-        except CONNECT_ERRORS as error:
-            self.drop_socket()
-            raise ClientError(f"Cannot reach the chat server at {self.settings.url}: "
-                              f"{describe_error(error)}.") from None
-        if refused is not None:
-            raise ClientError(f"The server refused {self.settings.username!r}: {refused.text}")
+        """Log in for the first time; raise ClientError (one clear sentence) if that fails.
+
+        If the server holds our name for a session that dropped a moment ago (most
+        likely this client's, before a crash or a closed terminal), the name frees
+        itself when the resume grace runs out: we say so, wait, and try again.
+        """
+        waited = 0.0
+        while True:
+            try:
+                refused = await self.log_in()
+            except CONNECT_ERRORS as error:
+                self.drop_socket()
+                raise ClientError(f"Cannot reach the chat server at {self.settings.url}: "
+                                  f"{describe_error(error)}.") from None
+            if refused is None:
+                return
+            wait = held_wait(refused)
+            if not wait or waited + wait > HELD_WAIT_LIMIT_SECONDS:
+                raise ClientError(f"The server refused {self.settings.username!r}: {refused.text}")
+            print(f"client.py: {self.settings.username!r} is held for a session that dropped a moment "
+                  f"ago, probably yours. Trying again when the name is free, in {wait:.0f} s "
+                  "(Ctrl-C gives up).", file=sys.stderr, flush=True)
+            await asyncio.sleep(wait)
+            waited += wait
 
     # -- the life of a session --
 
@@ -863,6 +1004,8 @@ class Connection:
                 self.receive(frame)
             close_code, reason = self.ws.close_code, self.ws.close_reason or ""
             self.lose_connection()
+            lasted = time.monotonic() - self.connected_at
+            self.quick_drops = self.quick_drops + 1 if lasted < STABLE_SECONDS else 0
             idle_notice, self.idle_notice = self.idle_notice, None
             if self.quitting:
                 return
@@ -894,15 +1037,17 @@ class Connection:
         """Try again after growing, jittered delays until logged in; False if refused for good.
 
         at_once: the first attempt goes without a delay (the user asked for it).
+        A server that keeps dropping us soon after each login gets ever longer
+        delays too (quick_drops), never a tight loop of reconnects.
         """
-        attempt = 0
+        attempt, held = 0, 0.0  # held: the wait the server asked for, when our own name is held
         while not self.quitting:
             attempt += 1
             if at_once and attempt == 1:
                 set_state(self.model, "connecting")
                 self.show([])
             else:
-                delay = backoff_seconds(attempt)
+                delay = held or backoff_seconds(attempt + self.quick_drops)
                 set_state(self.model, "reconnecting", f"in {delay:.0f} s, attempt {attempt}")
                 self.show([])
                 await asyncio.sleep(delay)
@@ -910,12 +1055,17 @@ class Connection:
                 refused = await self.log_in()
             except CONNECT_ERRORS:
                 self.drop_socket()
+                held = 0.0
                 continue
             if refused is None:
                 return True
+            held = held_wait(refused)
             if refused.close_code == CLOSE_BAD_TOKEN:
                 self.forget_session()
                 attempt = 0
+            elif held:  # our previous session, still held: its name frees itself soon
+                self.show([note(self.model, f"Your name is still held for the session that dropped; "
+                                            f"trying again in {held:.0f} s.")])
             elif not should_reconnect(refused.close_code, after_shutdown=True):
                 self.give_up(refused.text)
                 return False
@@ -963,7 +1113,8 @@ class Connection:
             self.idle_notice = event  # a close follows: shown with it, as one line
             return
         if kind == "welcome":
-            self.token = clean(event.get("token"))
+            self.token = clean(event.get("token"))  # a new one each time: a token works once
+            self.connected_at = time.monotonic()
         elif kind == "joined" and not self.logged_in:
             self.logged_in = True  # the joined after welcome: now lines go in order
             self.outbox[:0], self.rejoin = [f"/join {name}" for name in self.rejoin], []
@@ -1049,10 +1200,34 @@ def plain_text(line: Line) -> str:
     return f"[{line.time}] {room}* {line.text}"
 
 
-def print_lines(lines: list[Line]) -> None:
-    """Plain mode's way to show new lines: print each one."""
-    for line in lines:
-        print(plain_text(line), flush=True)
+class Printer:
+    """Plain mode's way to show new lines: print each one once, gathering those that come together.
+
+    A write and a flush per line would cost the client a system call per line
+    in a busy room; gathered, the lines of a twentieth of a second (one frame,
+    as the split view draws) go out in one write.
+    """
+
+    def __init__(self):
+        """Nothing waiting to be printed."""
+        self.pending: list[str] = []
+        self.timer: asyncio.TimerHandle | None = None
+
+    def show(self, lines: list[Line]) -> None:
+        """Print these lines within a frame's time."""
+        self.pending += [plain_text(line) for line in lines]
+        if self.pending and self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(1 / FRAMES_PER_SECOND, self.flush)
+
+    def flush(self) -> None:
+        """Print what is waiting, now."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.pending:
+            sys.stdout.write("".join(f"{text}\n" for text in self.pending))
+            sys.stdout.flush()
+            self.pending = []
 
 
 class SignalWatch:
@@ -1132,7 +1307,8 @@ async def run_plain(settings: Settings) -> int:
     sys.stdout.reconfigure(errors="replace")
     model = Model(settings.url, settings.username)
     interactive = sys.stdin.isatty()  # someone types: offline waits for Enter, as in the split view
-    connection = Connection(settings, model, print_lines, reconnect_after_shutdown=interactive,
+    printer = Printer()
+    connection = Connection(settings, model, printer.show, reconnect_after_shutdown=interactive,
                             revivable=interactive)
     await connection.connect_first()
     connection.start()
@@ -1149,7 +1325,7 @@ async def run_plain(settings: Settings) -> int:
         if line.strip().lower() in QUIT_COMMANDS:
             finished.set()
         elif too_long:
-            print_lines([note(model, f"message_too_long: {too_long}", kind="error")])
+            printer.show([note(model, too_long, kind="error")])
         else:
             connection.wake()
             if line.strip():
@@ -1164,6 +1340,7 @@ async def run_plain(settings: Settings) -> int:
         return await finish_plain(connection, finished)
     finally:
         signals.close()
+        printer.flush()
 
 
 async def finish_plain(connection: Connection, finished: asyncio.Event) -> int:
@@ -1185,8 +1362,11 @@ async def finish_plain(connection: Connection, finished: asyncio.Event) -> int:
 
 
 # ---- 8. Split view: drawing ------------------------------------------------------
-# Drawing is a function of the model (and the terminal's size): every redraw
-# paints the whole screen, so a resize needs nothing but a redraw.
+# Drawing is a function of the model (and the terminal's size): a frame is the
+# whole screen, painted piece by piece, so a resize needs nothing but a redraw.
+# Only the pieces that changed since the last frame are written to the terminal,
+# and frames come at most FRAMES_PER_SECOND times a second (section 9): a busy
+# room costs a few rows per frame, not a screen per message.
 
 SIDEBAR_COLUMNS = 22  # shown when the terminal is at least WITH_SIDEBAR_COLUMNS wide
 WITH_SIDEBAR_COLUMNS = 60
@@ -1238,9 +1418,13 @@ class Row:
 
 
 def room_rows(room: Room, width: int, wanted: int) -> list[Row]:
-    """The wrapped rows of a room's newest lines: at least `wanted` of them, if there are so many."""
+    """The wrapped rows of a room's newest lines above the view's bottom: at least `wanted`, if there are so many.
+
+    Lines that arrived below a scrolled-up view are left out, so the view stays put.
+    """
+    lines = list(room.lines)[:len(room.lines) - room.lines_below]
     rows: list[Row] = []
-    for line in reversed(room.lines):
+    for line in reversed(lines):
         parts = wrap(line.text, width)
         rows[:0] = [Row(line, part, index == 0) for index, part in enumerate(parts)]
         if len(rows) >= wanted:
@@ -1254,6 +1438,21 @@ def visible_rows(room: Room, layout: Layout) -> tuple[list[Row], int]:
     scroll = min(room.scroll_rows, max(0, len(rows) - layout.body))
     end = len(rows) - scroll
     return rows[max(0, end - layout.body):end], scroll
+
+
+def scroll_view(room: Room, rows: int, width: int) -> None:
+    """Scroll a room's view up (rows > 0) or down; down past the last line below it, it follows the newest.
+
+    Scrolling down brings the lines that arrived below the view back into it, one
+    by one, each adding its rows to the offset (width: the text column's, for wrapping).
+    """
+    room.scroll_rows += rows
+    while room.scroll_rows < 0 and room.lines_below:
+        room.lines_below -= 1
+        line = room.lines[len(room.lines) - room.lines_below - 1]
+        room.scroll_rows += len(wrap(line.text, width))
+    if room.scroll_rows <= 0 and not room.lines_below:
+        show_newest(room)
 
 
 def paint(pieces: list[tuple[Callable[[str], str], str]], width: int) -> str:
@@ -1351,14 +1550,18 @@ def sidebar(term: blessed.Terminal, model: Model, layout: Layout) -> list[str]:
 
 
 def status_bar(term: blessed.Terminal, model: Model, layout: Layout, scroll: int) -> str:
-    """The row above the input: the scroll position, unread rooms (when the sidebar is hidden), hints."""
-    if scroll:
-        text = f" -- scrolled up {scroll} rows: PgDn goes back down --"
+    """The row above the input: scrolled up (and new messages below), unread rooms (no sidebar), or hints."""
+    room, style = current_room(model), term.reverse
+    if scroll or room.lines_below:
+        news = room.new_below
+        below = f"{news} new message{'s' if news != 1 else ''} below · " if news else ""
+        text = f" -- scrolled up: {below}PgDn goes back down --"
+        style = term.black_on_yellow if news else style
     elif not layout.sidebar and any(room.unread for room in model.rooms.values()):
         text = " unread: " + ", ".join(f"#{r.name} {r.unread}" for r in model.rooms.values() if r.unread)
     else:
         text = " Enter sends · Tab completes · PgUp/PgDn scroll · /help lists commands · /quit leaves"
-    return paint([(term.reverse, fit(text, layout.width))], layout.width)
+    return paint([(style, fit(text, layout.width))], layout.width)
 
 
 def input_window(text: str, cursor: int, width: int) -> tuple[str, str, str]:
@@ -1376,8 +1579,8 @@ def length_counter(model: Model) -> str:
     return f" {length}/{limit}" if limit and length >= NEAR_LIMIT_FRACTION * limit else ""
 
 
-def input_row(term: blessed.Terminal, model: Model, width: int) -> str:
-    """The bottom row: a prompt with the current room, the line being typed and its cursor."""
+def input_row(term: blessed.Terminal, model: Model, width: int) -> tuple[str, int]:
+    """The bottom row: a prompt with the current room, the line being typed and its cursor; and the cursor's column."""
     prompt = f"#{model.room} › "
     counter = length_counter(model)
     counter_style = term.bold_red if len(model.input.text) > model.limit_chars else term.yellow
@@ -1385,21 +1588,53 @@ def input_row(term: blessed.Terminal, model: Model, width: int) -> str:
     before, under, after = input_window(model.input.text, model.input.cursor, room)
     pieces = [(term.bold, prompt), (str, before), (term.reverse, under), (str, after)]
     left = paint(pieces, width - len(counter))
-    return left + paint([(counter_style, counter)], min(len(counter), width))
+    column = min(text_width(prompt) + text_width(before), width - 1)
+    return left + paint([(counter_style, counter)], min(len(counter), width)), column
 
 
-def draw_screen(term: blessed.Terminal, model: Model, layout: Layout) -> tuple[str, int]:
-    """The whole screen as terminal output, and the scroll offset it used."""
+@dataclass
+class Frame:
+    """The screen as one redraw paints it: styled pieces by (row, column), and the cursor's place."""
+
+    layout: Layout
+    pieces: dict[tuple[int, int], str]  # each piece exactly fills its part of a row
+    cursor: tuple[int, int]  # (row, column) where the user types
+    scroll: int  # the message area's scroll offset, held inside the room's history
+
+
+def draw_screen(term: blessed.Terminal, model: Model, layout: Layout) -> Frame:
+    """The whole screen as a frame: header, message rows, sidebar rows, status bar, input line."""
     if layout.width < MIN_COLUMNS or layout.height < MIN_ROWS:
-        return term.home + term.clear + "Terminal too small.", 0
+        return Frame(layout, {(0, 0): "Terminal too small."}, (0, 0), 0)
     messages, scroll = message_area(term, model, layout)
     side = sidebar(term, model, layout)
-    out = [term.move_yx(0, 0) + header(term, model, layout.width)]
+    pieces = {(0, 0): header(term, model, layout.width)}
     for y in range(layout.body):
-        out.append(term.move_yx(1 + y, 0) + messages[y] + side[y])
-    out.append(term.move_yx(layout.height - 2, 0) + status_bar(term, model, layout, scroll))
-    out.append(term.move_yx(layout.height - 1, 0) + input_row(term, model, layout.width))
-    return "".join(out), scroll
+        pieces[(1 + y, 0)] = messages[y]
+        if layout.sidebar:
+            pieces[(1 + y, layout.messages)] = side[y]
+    pieces[(layout.height - 2, 0)] = status_bar(term, model, layout, scroll)
+    pieces[(layout.height - 1, 0)], column = input_row(term, model, layout.width)
+    return Frame(layout, pieces, (layout.height - 1, column), scroll)
+
+
+def frame_output(term: blessed.Terminal, shown: Frame | None, frame: Frame) -> str:
+    """What to write to turn the screen from `shown` into `frame`: only the pieces that changed.
+
+    shown None means the screen is unknown (at the start, after a resize or Ctrl-L,
+    back from Ctrl-Z): clear it and paint everything. The cursor ends where the
+    user types, so a terminal (and an input method) shows it there.
+    """
+    if shown is None or shown.layout != frame.layout:
+        out, before = [term.clear], {}
+    else:
+        out, before = [], shown.pieces
+    for (y, x), piece in frame.pieces.items():
+        if before.get((y, x)) != piece:
+            out.append(term.move_yx(y, x) + piece)
+    if out or shown.cursor != frame.cursor:
+        out.append(term.move_yx(*frame.cursor))
+    return "".join(out)
 
 
 # ---- 9. Split view: keys, commands, signals, terminal modes -----------------------
@@ -1412,8 +1647,9 @@ class SplitView:
         """Nothing drawn yet; the connection is attached before the run."""
         self.term, self.model = term, model
         self.connection: Connection | None = None
-        self.dirty = asyncio.Event()  # the model changed since the last redraw
-        self.clear_first = True  # a resize or Ctrl-L repaints from a blank screen
+        self.dirty = asyncio.Event()  # the model changed since the last frame
+        self.may_draw = asyncio.Event()  # set a frame's time after each redraw, or at once by a key
+        self.shown: Frame | None = None  # what the terminal shows; None: unknown, so repaint it all
         self.page_rows = 1  # message rows at the last redraw, for PgUp/PgDn
         self.done = asyncio.Event()  # /quit, Ctrl-C or Ctrl-D
         # The terminal as the shell had it, for Ctrl-Z (where there is such a thing).
@@ -1422,30 +1658,39 @@ class SplitView:
     # -- drawing --
 
     def show(self, lines: list[Line]) -> None:
-        """The model changed: redraw soon (a burst of events costs one redraw)."""
+        """The model changed: redraw at the next frame (a burst of events shares one)."""
         self.dirty.set()
 
     def redraw(self) -> None:
-        """Paint the whole screen from the model."""
+        """Bring the screen up to date with the model, writing only what changed."""
         layout = Layout(self.term.width, self.term.height)
-        screen, scroll = draw_screen(self.term, self.model, layout)
-        current_room(self.model).scroll_rows = scroll  # scrolling stops at the oldest line
+        frame = draw_screen(self.term, self.model, layout)
+        current_room(self.model).scroll_rows = frame.scroll  # scrolling stops at the oldest line
         self.page_rows = max(layout.body, 1)
-        start = self.term.clear if self.clear_first else ""
-        self.clear_first = False
-        self.term.stream.write(start + screen)
-        self.term.stream.flush()
+        output = frame_output(self.term, self.shown, frame)
+        self.shown = frame
+        if output:
+            self.term.stream.write(output)
+            self.term.stream.flush()
 
     async def draw_forever(self) -> None:
-        """Redraw whenever the model changed."""
+        """Redraw when the model changed, at most FRAMES_PER_SECOND times a second.
+
+        However many events arrive meanwhile, they wait for the next frame and
+        share it. A key does not wait: typing stays instant in the busiest room.
+        """
+        loop = asyncio.get_running_loop()
         while True:
             await self.dirty.wait()
             self.dirty.clear()
             self.redraw()
+            self.may_draw.clear()
+            loop.call_later(1 / FRAMES_PER_SECOND, self.may_draw.set)
+            await self.may_draw.wait()
 
     def repaint(self) -> None:
         """Redraw from a blank screen (after a resize, or Ctrl-L)."""
-        self.clear_first = True
+        self.shown = None
         self.dirty.set()
 
     def suspend(self) -> None:
@@ -1537,6 +1782,7 @@ class SplitView:
         elif key and not key.is_sequence:
             line.insert(clean(str(key)))  # clean() drops control keys nobody bound
         self.dirty.set()
+        self.may_draw.set()
 
     def submit(self) -> None:
         """Enter: /quit leaves; any other line goes to the server (or waits for the reconnect).
@@ -1557,13 +1803,13 @@ class SplitView:
             return
         if not self.connection.logged_in:
             note(self.model, "Not connected right now: the line goes out once we are back.")
-        current_room(self.model).scroll_rows = 0  # show the newest lines again
+        show_newest(current_room(self.model))  # what you send shows at the bottom
         self.connection.send(self.model.input.take())
 
     def scroll(self, pages: int) -> None:
         """PgUp/PgDn: scroll the current room by (almost) a page."""
-        room = current_room(self.model)
-        room.scroll_rows = max(0, room.scroll_rows + pages * max(self.page_rows - 2, 1))
+        width = Layout(self.term.width, self.term.height).text
+        scroll_view(current_room(self.model), pages * max(self.page_rows - 2, 1), width)
 
     def switch_room(self, step: int) -> None:
         """Ctrl-N/Ctrl-P: make the next/previous of your rooms current (a /join to the server)."""

@@ -4,6 +4,8 @@ In the order of client.py's sections: text first, then events folded into the
 model, then the input line, then the connection's pure decisions, then layout.
 """
 
+from __future__ import annotations
+
 import concurrent.futures
 import io
 import re
@@ -21,6 +23,8 @@ from client import InputLine, Line, Model, Room, apply_event
 @pytest.fixture
 def utc(monkeypatch):
     """Local time is UTC for this test, so HH:MM:SS can be asserted."""
+    if not hasattr(time, "tzset"):
+        pytest.skip("time.tzset() is Unix only: on this system a process cannot switch its own time zone")
     monkeypatch.setenv("TZ", "UTC")
     time.tzset()
     yield
@@ -56,6 +60,9 @@ def message(room: str, text: str, username: str = "bob", **extra) -> dict:
     ("\u2066isolate\u2069", "isolate"),
     ("tab\tnew\nline\r", "tab new line "),  # whitespace controls become spaces
     ("lone \ud800 surrogate", "lone  surrogate"),  # cannot be encoded for the terminal
+    ("zero\u200bwidth\u2060 \ufeffmarks\u00ad", "zerowidth marks"),  # format characters hide text
+    ("next\u0085line\u2028and\u2029more", "nextline and more"),  # NEL is a C1 control; separators space
+    ("\U0001f469\u200d\U0001f4bb", "\U0001f469\u200d\U0001f4bb"),  # an emoji's zero-width joiner stays
     ("你好 🎉 café", "你好 🎉 café"),  # ordinary Unicode stays
 ])
 def test_clean_strips_control_characters_from_server_text(raw, shown):
@@ -156,13 +163,27 @@ def test_switching_to_a_room_clears_its_unread_count_and_keeps_its_scrollback():
     assert [line.text for line in model.rooms["general"].lines] == ["while you were away"]
 
 
-def test_joining_a_new_room_adds_it_and_notes_who_is_there():
-    """joined for a new room adds it to our rooms with a line naming its users."""
+def test_joining_a_new_room_adds_it_and_notes_who_else_is_there():
+    """joined for a new room adds it to our rooms with a line naming the others in it."""
     model = logged_in()
     lines = apply_event(model, {"type": "joined", "room": "general", "users": ["carol", "bob"], "user_count": 2})
     assert sorted(model.rooms) == ["general", "lobby"] and model.room == "general"
     assert model.rooms["general"].users == ["bob", "carol"]
-    assert lines[0].text == "Now in #general with bob, carol." and list(model.rooms["general"].lines) == lines
+    assert lines[0].text == "Now in #general with bob." and list(model.rooms["general"].lines) == lines
+
+
+@pytest.mark.parametrize("users, user_count, sentence", [
+    (["carol"], 1, "Now in #general: nobody else is here yet."),
+    (["Carol"], 1, "Now in #general: nobody else is here yet."),  # names ignore case
+    (["alice", "carol"], 2, "Now in #general with alice."),
+    ([f"u{n:02d}" for n in range(11)] + ["carol"], 12, "Now in #general with u00, u01, u02, u03, u04, "
+                                                       "u05, u06, u07, u08, u09 and 1 more."),
+])
+def test_the_joined_line_names_the_others_never_the_reader(users, user_count, sentence):
+    """carol alone in a room is told nobody else is there, not that she is there with carol."""
+    model = logged_in()
+    lines = apply_event(model, {"type": "joined", "room": "general", "users": users, "user_count": user_count})
+    assert lines[0].text == sentence
 
 
 def test_leaving_a_room_forgets_it_and_makes_room_now_current():
@@ -193,12 +214,19 @@ def test_join_and_leave_notices_update_the_users_of_that_room(event, users):
     assert model.rooms["lobby"].users == users and model.rooms["lobby"].user_count == len(users)
 
 
-def test_an_error_is_shown_in_the_current_room_as_an_error_line():
-    """error events become visible error lines: code and sentence."""
+def test_an_error_is_shown_in_the_current_room_as_its_sentence():
+    """error events become visible error lines: the sentence for people, not the code for programs."""
     model = logged_in()
     apply_event(model, {"type": "error", "code": "message_too_long", "text": "Too long."})
     line = model.rooms["lobby"].lines[-1]
-    assert (line.kind, line.text) == ("error", "message_too_long: Too long.")
+    assert (line.kind, line.text) == ("error", "Too long.")
+
+
+def test_an_error_without_a_sentence_still_says_something():
+    """A server that sends only a code gets a sentence around it."""
+    model = logged_in()
+    apply_event(model, {"type": "error", "code": "odd"})
+    assert model.rooms["lobby"].lines[-1].text == "The server refused that (odd)."
 
 
 def test_a_replayed_message_is_shown_once():
@@ -440,7 +468,7 @@ def test_lines_typed_before_login_are_sent_in_order_after_the_joined():
     (Line("message", "hi", "12:01:02", "bob", "general"), "[12:01:02] #general <bob> hi"),
     (Line("join", "bob joined #lobby", "12:01:02", "bob", "lobby"), "[12:01:02] #lobby * bob joined #lobby"),
     (Line("system", "Goodbye!", "12:01:02"), "[12:01:02] * Goodbye!"),
-    (Line("error", "message_too_long: Too long.", "12:01:02"), "! message_too_long: Too long."),
+    (Line("error", "Too long.", "12:01:02"), "! Too long."),
     (Line("info", "Rooms: #lobby (2)", "12:01:02"), "* Rooms: #lobby (2)"),
 ])
 def test_plain_mode_prints_each_line_readably(line, shown):
@@ -478,7 +506,7 @@ def test_drawing_sends_only_colours_an_8_colour_terminal_has(kind):
     model = logged_in()
     for username in ("alice", "bob", "carol", "dave", "erin", "frank"):
         apply_event(model, message("lobby", "hi", username=username))
-    screen, _ = client.draw_screen(term, model, client.Layout(100, 24))
+    screen = "".join(client.draw_screen(term, model, client.Layout(100, 24)).pieces.values())
     assert "\x1b[38m" not in screen and not re.search(r"\x1b\[3\d\dm", screen)
 
 

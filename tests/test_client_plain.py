@@ -89,7 +89,7 @@ def test_piped_lines_are_sent_and_the_client_exits_cleanly_at_end_of_input(serve
     """`printf '/join x\\nhello\\n' | client.py dave --plain`: dave joins x, says hello, exits 0."""
     result = run_client("dave", "--plain", f"--port={server}", stdin="/join x\nhello\n")
     assert result.returncode == 0, result.stderr
-    assert "* Now in #x with dave." in result.stdout.splitlines()
+    assert "* Now in #x: nobody else is here yet." in result.stdout.splitlines()
     assert re.search(rf"^{TIME} #x <dave> hello$", result.stdout, re.MULTILINE)
     assert result.stderr == ""
 
@@ -126,17 +126,17 @@ def test_another_users_message_and_arrival_print_as_one_line_each(bob, server):
 
 
 def test_a_refused_line_prints_the_servers_error(server):
-    """An error event prints as `! code: sentence`, and the client goes on."""
+    """An error event prints as `! sentence` (the code is for programs), and the client goes on."""
     result = run_client("dave", f"--port={server}", stdin="/leave\nshort\n")
-    assert re.search(r"^! last_room: You cannot leave #lobby", result.stdout, re.MULTILINE)
+    assert re.search(r"^! You cannot leave #lobby", result.stdout, re.MULTILINE)
     assert re.search(rf"{TIME} #lobby <dave> short", result.stdout) and result.returncode == 0
 
 
 def test_a_line_over_the_length_limit_is_not_sent_and_prints_an_error(chat_process):
-    """A line longer than welcome's max_message_chars prints `! message_too_long: ...` and is skipped."""
+    """A line longer than welcome's max_message_length prints `! Your line has ...` and is skipped."""
     _, port = chat_process("--max-message-length=10")
     result = run_client("dave", f"--port={port}", stdin="this is far too long\nshort\n")
-    assert ("! message_too_long: Your line has 20 characters; the limit is 10. Shorten it and press Enter again."
+    assert ("! Your line has 20 characters; the limit is 10. Shorten it and press Enter again."
             in result.stdout.splitlines())
     assert "<dave> this is far too long" not in result.stdout
     assert re.search(rf"{TIME} #lobby <dave> short", result.stdout) and result.returncode == 0
