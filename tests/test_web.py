@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import hashlib
 import os
 import re
@@ -48,12 +47,6 @@ BROWSER_ARGUMENTS = (
 )
 GET_INSTALLED = ("These tests drive a real browser: install Chromium and its driver "
                  "(on Debian or Ubuntu: apt-get install chromium chromium-driver).")
-
-
-def limit_on_length(chars: int) -> dict:
-    """Limits fields for a length limit, whichever name chat.Limits gives the field."""
-    names = {field.name for field in dataclasses.fields(chat.Limits)}
-    return {"max_message_length" if "max_message_length" in names else "max_message_chars": chars}
 
 
 # ---- the server, in a thread of its own ----
@@ -502,7 +495,7 @@ def test_each_username_has_the_colour_the_terminal_client_gives_it(server, alice
         f"name c{zlib.crc32(b'alice') % 10}"
 
 
-@pytest.mark.limits(**limit_on_length(20))
+@pytest.mark.limits(max_message_length=20)
 def test_a_counter_appears_near_the_length_limit_and_a_too_long_line_stays_in_the_input(server, alice):
     """From 80% of the limit a n/limit counter shows; a line over it is not sent and stays to be shortened."""
     counter = "return document.getElementById('counter').textContent"
@@ -560,6 +553,34 @@ def test_leaving_the_page_ends_the_session_at_once(server, alice, how):
         alice.driver.close()
     assert carol.expect("system", event="leave", username="alice")["text"] == "alice left (quit)"
     server.join("alice")
+
+
+def test_while_the_server_is_down_the_page_keeps_trying_and_gets_back_in_when_it_returns(server, alice):
+    """A server gone for a while: the page retries (attempt 3 and on) and logs in once it is back."""
+    server.stop()
+    alice.wait_for_line("Disconnected: the server is shutting down. Reconnecting...")
+    alice.wait_for(lambda: "(attempt 3)" in alice.header()[2], "a third attempt")
+    server.start()
+    alice.wait_until_connected("alice")
+
+
+def test_reconnect_delays_grow_with_jitter_as_in_the_terminal_client(server, alice):
+    """Attempt n waits 50-100% of min(10 s, 0.5 s x 2^(n-1)), the same as client.py's backoff."""
+    import client
+    for random in (0.0, 0.5, 1.0):
+        on_page = alice.js(f"return [1, 2, 3, 4, 5, 6, 9].map(n => backoffSeconds(n, () => {random}))")
+        assert on_page == [client.backoff_seconds(n, lambda: random) for n in (1, 2, 3, 4, 5, 6, 9)]
+    assert on_page[-1] == 10.0
+
+
+@pytest.mark.limits(idle_timeout=1)
+def test_after_an_idle_timeout_the_page_waits_for_enter_to_connect_again(server, alice):
+    """The server closed a silent user on purpose (4008): the page says so, and Enter logs in again."""
+    alice.wait_for_line("Disconnected: you were idle for too long. Press Enter to reconnect")
+    assert alice.header()[2] == "offline"
+    alice.type("")
+    alice.wait_for(lambda: sum("Connected as alice" in line for line in alice.lines()) == 2,
+                   "a second login")
 
 
 def test_coming_back_to_the_page_connects_again_in_the_same_rooms(server, alice):
@@ -653,6 +674,8 @@ def test_a_screenshot_of_the_page_is_written_for_a_person_to_look_at(server, ope
     bob = server.join("bob")
     bob.say("/join general")
     carol = open_page("?username=carol")
+    carol.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                 {"width": 880, "height": 420, "deviceScaleFactor": 1, "mobile": False})
     carol.wait_until_connected("carol")
     carol.type("/join general")
     carol.wait_until_connected("carol", "general")
