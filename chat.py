@@ -1287,6 +1287,14 @@ class CrowdRoomManager(ResumableRoomManager):
 class CrowdChatSocket(ResumableChatSocket):
     """The WebSocket handler of `python chat.py`: Part I plus every upgrade of Part II."""
 
+    # Our attributes live in slots, not in each connection's __dict__. Tornado keeps 27
+    # of its own there, and past 30 keys CPython stops sharing one key table among the
+    # instances of a class: every connection then pays for a dict of its own, 1.3 KB
+    # (tests/bench.py --only idle). An attribute added to a socket class belongs here too.
+    __slots__ = ("manager", "user", "server_close_reason", "gone",  # section 6
+                 "last_active", "idle_timer",  # section 12
+                 "websocket_protocol", "abrupt")  # section 13
+
 
 def crowd_http_server(app: tornado.web.Application, limits: Limits) -> HTTPServer:
     """An HTTP server that drops a connection which never finishes its handshake."""
