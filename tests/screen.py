@@ -8,22 +8,31 @@ blessed makes at start-up go back to the client, as a real terminal's would.
 Every wait polls with a short timeout: nothing sleeps a fixed time.
 """
 
+from __future__ import annotations
+
 import asyncio
 import json
 import os
 import subprocess
 import sys
-import termios
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pyte
+import pytest
 import tornado.web
 import tornado.websocket
-from ptyprocess import PtyProcess
 from wcwidth import wcswidth
+
+try:  # pseudo-terminals are a Unix thing: on Windows the tests that need one skip
+    import termios
+
+    from ptyprocess import PtyProcess
+except ImportError:
+    termios = PtyProcess = None
+NO_PTY = "needs a pseudo-terminal (ptyprocess and termios), which this system does not have"
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT_SECONDS = 5.0
@@ -76,6 +85,8 @@ class Screen:
 
     def __init__(self, *args: str, rows: int = 24, cols: int = 100):
         """Start `python client.py ARGS` in a terminal of rows x cols."""
+        if PtyProcess is None:
+            pytest.skip(NO_PTY)
         self.screen = pyte.Screen(cols, rows)
         self.stream = pyte.ByteStream(self.screen)
         self.raw = bytearray()  # everything the client wrote, for checks pyte cannot make

@@ -1,5 +1,7 @@
 """`python chat.py` as a program: flags, the port rule and start-up errors."""
 
+from __future__ import annotations
+
 import json
 import re
 import socket
