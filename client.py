@@ -1004,8 +1004,7 @@ class Connection:
                 self.receive(frame)
             close_code, reason = self.ws.close_code, self.ws.close_reason or ""
             self.lose_connection()
-            lasted = time.monotonic() - self.connected_at
-            self.quick_drops = self.quick_drops + 1 if lasted < STABLE_SECONDS else 0
+            self.count_drop(time.monotonic())
             idle_notice, self.idle_notice = self.idle_notice, None
             if self.quitting:
                 return
@@ -1047,7 +1046,7 @@ class Connection:
                 set_state(self.model, "connecting")
                 self.show([])
             else:
-                delay = held or backoff_seconds(attempt + self.quick_drops)
+                delay = held or self.delay_before(attempt)
                 set_state(self.model, "reconnecting", f"in {delay:.0f} s, attempt {attempt}")
                 self.show([])
                 await asyncio.sleep(delay)
@@ -1070,6 +1069,14 @@ class Connection:
                 self.give_up(refused.text)
                 return False
         return False
+
+    def count_drop(self, now: float) -> None:
+        """A connection ended: count it if it ended soon after its login, else start counting afresh."""
+        self.quick_drops = self.quick_drops + 1 if now - self.connected_at < STABLE_SECONDS else 0
+
+    def delay_before(self, attempt: int) -> float:
+        """The wait before a reconnect attempt: longer after each connection that did not last."""
+        return backoff_seconds(attempt + self.quick_drops)
 
     def drop_socket(self) -> None:
         """Abandon a connection attempt that failed half-way (say, no welcome in time)."""

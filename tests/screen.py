@@ -186,14 +186,18 @@ class ScriptedServer:
 
     It echoes each line back as a message from the logged-in user, as chat.py does,
     so a plain-mode client knows its line arrived. Tests use it to send what the
-    real server never would (control characters, say).
+    real server never would (control characters, say), or a refusal the real one
+    sends only in a situation that is slow to set up. The first logins get the
+    `refusals` (each an error event, then a close with `refusal_close`), one each.
     """
 
-    def __init__(self, events: list[dict]):
+    def __init__(self, events: list[dict], refusals: list[dict] = (), refusal_close: int = 4002):
         """Start listening on a free port, in a thread with its own loop."""
         from conftest import free_port
 
         self.port, self.events = free_port(), events
+        self.refusals, self.refusal_close = list(refusals), refusal_close
+        self.logins: list[dict] = []  # each login's query: username, token ...
         self.started = threading.Event()
         self.thread = threading.Thread(target=asyncio.run, args=(self._serve(),), daemon=True)
         self.thread.start()
@@ -201,13 +205,18 @@ class ScriptedServer:
 
     async def _serve(self) -> None:
         """The server's own loop: listen until stop()."""
-        events = self.events
+        events, scripted = self.events, self
 
         class Scripted(tornado.websocket.WebSocketHandler):
-            """One login: the scripted events, then an echo for every line."""
+            """One login: a refusal, or the scripted events and then an echo for every line."""
 
             def open(self) -> None:
-                """Send the script."""
+                """Send the refusal or the script."""
+                scripted.logins.append({key: self.get_argument(key) for key in self.request.query_arguments})
+                if scripted.refusals:
+                    self.write_message(json.dumps(scripted.refusals.pop(0)))
+                    self.close(scripted.refusal_close)
+                    return
                 for event in events:
                     self.write_message(json.dumps(event))
 
@@ -241,3 +250,16 @@ HOSTILE_EVENTS = [
     {"type": "error", "code": "bad" + HOSTILE, "text": "refused " + HOSTILE},
     {"type": "rooms", "rooms": [{"name": "r" + HOSTILE, "users": HOSTILE}]},
 ]
+
+
+# A plain login as carol, for a scripted server.
+CAROL_EVENTS = [
+    {"type": "welcome", "username": "carol", "room": "lobby", "rooms": ["lobby"], "token": "t"},
+    {"type": "joined", "room": "lobby", "users": ["carol"], "user_count": 1},
+]
+
+
+def held_refusal(retry_after: float) -> dict:
+    """The refusal of a name whose session the server holds for resume, as chat.py words it."""
+    return {"type": "error", "code": "username_taken", "held": True, "retry_after": retry_after,
+            "text": "The username 'carol' is taken: someone with that name is reconnecting. Pick another."}

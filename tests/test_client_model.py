@@ -7,6 +7,7 @@ model, then the input line, then the connection's pure decisions, then layout.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import io
 import re
 import time
@@ -16,6 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import chat
 import client
 from client import InputLine, Line, Model, Room, apply_event
 
@@ -238,6 +240,58 @@ def test_a_replayed_message_is_shown_once():
     assert [line.text for line in model.rooms["lobby"].lines][-2:] == ["hi", "new"]
 
 
+def test_the_highest_seq_seen_is_kept():
+    """Every message carries the server's seq; the client keeps the highest, whatever the room."""
+    model = logged_in(rooms=("lobby", "general"))
+    for room, seq in (("lobby", 5), ("general", 9), ("lobby", 7)):
+        apply_event(model, message(room, f"number {seq}", seq=seq))
+    assert model.last_seq == 9
+
+
+def test_a_replayed_message_is_shown_once_by_its_seq():
+    """A replayed message whose seq was already seen is skipped, even when its text repeats an older line."""
+    model = logged_in()
+    apply_event(model, message("lobby", "hi", seq=8))
+    assert apply_event(model, message("lobby", "hi", seq=8, replayed=True)) == []
+    assert apply_event(model, message("lobby", "hi", seq=11, replayed=True))[0].text == "hi"
+    assert [line.text for line in model.rooms["lobby"].lines][-2:] == ["hi", "hi"] and model.last_seq == 11
+
+
+def test_a_new_session_forgets_the_seq_of_the_old_one():
+    """After a fresh login (say the server restarted), the old seq means nothing; a resume keeps it."""
+    model = logged_in()
+    apply_event(model, message("lobby", "hi", seq=40))
+    apply_event(model, {"type": "welcome", "username": "carol", "rooms": ["lobby"], "token": "t2", "resumed": True})
+    assert model.last_seq == 40
+    apply_event(model, {"type": "welcome", "username": "carol", "rooms": ["lobby"], "token": "t3"})
+    assert model.last_seq == 0
+
+
+@pytest.mark.parametrize("extra, sentences", [
+    ({"missed": 2}, ["Reconnected: your session is back (2 missed messages follow)."]),
+    ({"missed": 1, "lost": 0}, ["Reconnected: your session is back (1 missed message follows)."]),
+    ({"missed": 100, "lost": 3}, ["Reconnected: your session is back (100 missed messages follow).",
+                                  "3 earlier messages could not be replayed: the server no longer had them."]),
+    ({"missed": 0, "lost": 1}, ["Reconnected: your session is back.",
+                                "1 earlier message could not be replayed: the server no longer had it."]),
+])
+def test_a_resume_says_how_many_messages_follow_and_how_many_were_lost(extra, sentences):
+    """welcome's missed and lost become sentences; a loss is an error line, so it cannot be overlooked."""
+    model = logged_in()
+    lines = apply_event(model, {"type": "welcome", "username": "carol", "rooms": ["lobby"], "token": "t",
+                                "resumed": True, **extra})
+    assert [line.text for line in lines] == sentences
+    assert [line.kind for line in lines] == ["info", "error"][:len(sentences)]
+
+
+@pytest.mark.parametrize("limits", [{"max_message_length": 140}, {"max_message_chars": 140}])
+def test_the_length_limit_is_read_under_its_name_or_its_old_one(limits):
+    """welcome.limits.max_message_length (older servers: max_message_chars) sets the n/limit counter."""
+    model = Model("ws://x/ws", "carol")
+    apply_event(model, {"type": "welcome", "username": "carol", "rooms": ["lobby"], "token": "t", "limits": limits})
+    assert model.limit_chars == 140
+
+
 def test_control_characters_in_any_field_never_reach_the_model():
     """Usernames, room names and text are all cleaned before they are stored."""
     model = logged_in()
@@ -328,6 +382,27 @@ def test_up_and_down_browse_the_history_and_come_back_to_the_draft():
     line.history_forward()
     line.history_forward()
     assert line.text == "draft"
+
+
+@pytest.mark.parametrize("edit", [
+    lambda line: (line.set(""), line.insert("new words")),  # Ctrl-U, then typing
+    lambda line: (line.backspace(), line.insert("new words")),
+    lambda line: (line.delete_word(), line.insert("new words")),
+])
+def test_an_edited_history_line_becomes_the_draft(edit):
+    """Up, edit, Up, Down, Down: the edited line comes back; browsing never loses what was typed."""
+    line = InputLine()
+    for text in ("first", "second"):
+        line.set(text)
+        line.take()
+    line.history_back()
+    edit(line)
+    draft = line.text
+    line.history_back()
+    assert line.text == "second"
+    line.history_forward()
+    line.history_forward()
+    assert line.text == draft and draft.endswith("new words")
 
 
 def test_enter_hands_over_the_line_and_clears_it():
@@ -433,6 +508,55 @@ def test_the_login_url_carries_the_username_and_the_token():
     assert client.login_url("ws://h:1/ws", "carol", "a+b") == "ws://h:1/ws?username=carol&token=a%2Bb"
 
 
+@pytest.mark.parametrize("token, last_seq, query", [
+    ("tok", 42, "username=carol&token=tok&last_seq=42"),
+    ("tok", 0, "username=carol&token=tok"),  # nothing seen yet: the server replays what arrived while held
+    ("", 42, "username=carol"),  # a fresh login has nothing to resume
+])
+def test_a_resume_says_the_last_message_seen(token, last_seq, query):
+    """With a token, &last_seq=N asks the server for the messages after the last one we saw."""
+    assert client.login_url("ws://h:1/ws", "carol", token, last_seq) == f"ws://h:1/ws?{query}"
+
+
+def test_every_welcome_brings_the_token_for_the_next_resume():
+    """Tokens work once: the token from the latest welcome is the one kept."""
+    model = Model("ws://x/ws", "carol")
+    connection = client.Connection(client.Settings("carol", "ws://x/ws", True), model, lambda lines: None, False)
+    for token in ("first", "second"):
+        connection.receive(f'{{"type": "welcome", "username": "carol", "rooms": ["lobby"], "token": "{token}"}}')
+    assert connection.token == "second"
+
+
+@pytest.mark.parametrize("close_code, sentence", [
+    (1002, "the server found a protocol error and ended the session"),
+    (4005, "too many connections come from your address"),
+    (4029, "you kept sending after the server asked you to slow down"),
+])
+def test_the_newer_close_codes_are_a_sentence_and_no_reconnect_loop(close_code, sentence):
+    """Flooding, a full address and a protocol error are explained and leave the client offline until Enter."""
+    assert client.describe_close(close_code) == sentence
+    assert client.should_reconnect(close_code, after_shutdown=True) is False
+
+
+@pytest.mark.parametrize("held, retry_after, wait", [(True, 12.5, 13.0), (True, 0.0, 1.0), (False, 12.5, 0.0)])
+def test_a_held_name_is_tried_again_just_after_the_server_frees_it(held, retry_after, wait):
+    """username_taken with held: true and retry_after: wait that long (and a little); any other refusal: no wait."""
+    refused = client.Refused("username_taken", "taken", 4002, held=held, retry_after=retry_after)
+    assert client.held_wait(refused) == wait
+
+
+def test_connections_that_keep_dropping_soon_after_login_wait_longer_each_time():
+    """A server that accepts and drops us again and again gets growing delays, never a tight loop."""
+    connection = client.Connection(client.Settings("carol", "ws://x/ws", True), Model("ws://x/ws", "carol"),
+                                   lambda lines: None, False)
+    connection.connected_at = 100.0
+    for _ in range(4):
+        connection.count_drop(now=101.0)  # each lasted a second
+    assert connection.quick_drops == 4 and connection.delay_before(1) >= client.BACKOFF_CAP_SECONDS / 2
+    connection.count_drop(now=100.0 + client.STABLE_SECONDS + 1)  # this one lasted: start afresh
+    assert connection.quick_drops == 0 and connection.delay_before(1) <= client.BACKOFF_FIRST_SECONDS
+
+
 class FakeSocket:
     """A connected WebSocket that records what the client writes."""
 
@@ -494,6 +618,74 @@ def test_scrolling_stops_at_the_oldest_line():
     assert scroll == 20 and rows[0].text == "line 0" and len(rows) == 10
 
 
+def scrollback(count: int) -> Room:
+    """A room with `count` one-row messages: line 0 ... line count-1."""
+    room = Room("lobby")
+    room.lines.extend(Line("message", f"line {n}", "12:00:00", "bob", "lobby") for n in range(count))
+    return room
+
+
+def test_a_scrolled_up_view_stays_put_while_new_lines_arrive_below():
+    """Scrolled up, new lines do not move the view; they are counted for the "new messages below" marker."""
+    model, layout = logged_in(), client.Layout(100, 13)
+    model.rooms["lobby"] = room = scrollback(50)
+    client.scroll_view(room, 15, layout.text)
+    before, _ = client.visible_rows(room, layout)
+    for n in range(3):
+        client.add_line(model, Line("message", f"new {n}", "12:00:01", "bob", "lobby"))
+    client.add_line(model, Line("join", "dave joined #lobby", "12:00:01", "dave", "lobby"))
+    after, _ = client.visible_rows(room, layout)
+    assert [row.text for row in after] == [row.text for row in before] and room.new_below == 3
+    term = blessed.Terminal(kind="xterm-256color", stream=io.StringIO(), force_styling=True)
+    assert "scrolled up: 3 new messages below · PgDn goes back down" in client.status_bar(term, model, layout, 15)
+
+
+def test_scrolling_down_past_the_new_lines_follows_the_newest_again():
+    """PgDn brings the lines below back one by one; at the bottom the view follows new lines again."""
+    model, layout = logged_in(), client.Layout(100, 13)
+    model.rooms["lobby"] = room = scrollback(50)
+    client.scroll_view(room, 15, layout.text)
+    client.add_line(model, Line("message", "new", "12:00:01", "bob", "lobby"))
+    client.scroll_view(room, -10, layout.text)
+    assert room.lines_below == 1 and room.scroll_rows == 5  # still up: "new" is below the view
+    client.scroll_view(room, -10, layout.text)
+    assert (room.scroll_rows, room.lines_below, room.new_below) == (0, 0, 0)
+    client.add_line(model, Line("message", "newer", "12:00:02", "bob", "lobby"))
+    assert client.visible_rows(room, layout)[0][-1].text == "newer"
+
+
+def test_a_frame_after_a_new_message_writes_only_the_rows_that_changed():
+    """One new line in a quiet room rewrites the message rows it moved, never the header, sidebar or status bar."""
+    term = blessed.Terminal(kind="xterm-256color", stream=io.StringIO(), force_styling=True)
+    model = logged_in()
+    layout = client.Layout(100, 24)
+    first = client.draw_screen(term, model, layout)
+    apply_event(model, message("lobby", "just arrived"))
+    second = client.draw_screen(term, model, layout)
+    output = client.frame_output(term, first, second)
+    assert "just arrived" in output and "Rooms" not in output and "Enter sends" not in output
+    assert term.clear not in output and client.frame_output(term, second, second) == ""
+
+
+def test_the_first_frame_clears_the_screen_and_paints_everything():
+    """With nothing known about the screen (start, resize, Ctrl-L), the whole frame is written."""
+    term = blessed.Terminal(kind="xterm-256color", stream=io.StringIO(), force_styling=True)
+    frame = client.draw_screen(term, logged_in(), client.Layout(100, 24))
+    output = client.frame_output(term, None, frame)
+    assert output.startswith(term.clear) and all(piece in output for piece in frame.pieces.values())
+
+
+def test_every_frame_leaves_the_cursor_where_the_user_types():
+    """The terminal's cursor ends on the input line, after the prompt and the text before the cursor."""
+    term = blessed.Terminal(kind="xterm-256color", stream=io.StringIO(), force_styling=True)
+    model = logged_in()
+    model.input.set("hello world")
+    model.input.move(-6)
+    frame = client.draw_screen(term, model, client.Layout(100, 24))
+    assert frame.cursor == (23, len("#lobby › hello"))
+    assert client.frame_output(term, None, frame).endswith(term.move_yx(23, len("#lobby › hello")))
+
+
 def test_the_sidebar_hides_on_a_narrow_terminal():
     """Below 60 columns, the message area takes the whole width."""
     assert client.Layout(59, 20).sidebar == 0 and client.Layout(60, 20).sidebar == client.SIDEBAR_COLUMNS
@@ -524,3 +716,40 @@ def test_the_pacer_keeps_under_the_servers_rate_limit(limits, first_waits):
     pacer.tokens = pacer.burst  # after a quiet while
     assert [pacer.wait(0.0) for _ in first_waits] == first_waits
     assert pacer.wait(0.0) == pytest.approx(1 / (0.9 * limits["rate_per_second"]))
+
+
+# ---- The same protocol as chat.py ---------------------------------------------------
+# client.py does not import chat.py (a student may copy the client alone), so these
+# tests are what keeps the two speaking the same protocol.
+
+
+def test_the_client_knows_every_close_code_the_server_sends_by_the_same_name():
+    """Each chat.CLOSE_* has a client constant of the same name and number, and a sentence for people."""
+    codes = {name: value for name, value in vars(chat).items() if name.startswith("CLOSE_")}
+    assert codes
+    for name, value in codes.items():
+        assert getattr(client, name, None) == value, name
+        assert value in client.CLOSE_REASONS, name
+
+
+def test_tab_completes_exactly_the_servers_commands_and_the_clients_own_quit():
+    """The client's command list is chat.py's COMMANDS, each with a slash, plus /quit."""
+    assert set(client.COMMANDS) == {f"/{name}" for name in chat.COMMANDS} | {"/quit"}
+
+
+def test_the_lobby_and_the_default_port_are_the_servers():
+    """Both programs agree where everyone starts and where to connect by default."""
+    assert (client.LOBBY, client.DEFAULT_PORT) == (chat.LOBBY, chat.DEFAULT_PORT)
+
+
+def test_the_limits_the_client_reads_from_welcome_are_limits_the_server_has():
+    """The length counter and the pacer read welcome.limits under chat.Limits' own field names."""
+    fields = {field.name for field in dataclasses.fields(chat.Limits)}
+    assert {"max_message_length", "rate_per_second", "rate_burst"} <= fields
+
+
+def test_every_character_the_server_cleans_the_client_cleans_too():
+    """Whatever chat.clean_text removes or replaces, client.clean never lets through either."""
+    leaks = [hex(code) for code in range(0x110000)
+             if chat.clean_text(chr(code)) != chr(code) and chr(code) in client.clean(chr(code))]
+    assert leaks == []

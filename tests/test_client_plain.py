@@ -15,7 +15,8 @@ import urllib.request
 
 import pytest
 from conftest import ROOT, free_port
-from screen import HOSTILE_EVENTS, WAIT_SECONDS, Screen, ScriptedServer, client_env, wait_for
+from screen import (CAROL_EVENTS, HOSTILE_EVENTS, WAIT_SECONDS, Screen, ScriptedServer, client_env, held_refusal,
+                    wait_for)
 
 import client
 
@@ -153,6 +154,29 @@ def test_a_taken_username_is_one_clear_sentence_and_a_failure(bob, server):
     result = run_client("Bob", f"--port={server}")
     assert result.returncode == 1 and result.stdout == ""
     assert len(result.stderr.splitlines()) == 1 and "taken" in result.stderr
+
+
+def test_a_relaunch_while_your_old_session_is_held_waits_for_the_name_and_gets_in():
+    """The name is held for carol's crashed session: one line says it is probably hers; the client waits and logs in."""
+    scripted = ScriptedServer(CAROL_EVENTS, refusals=[held_refusal(retry_after=1.0)])
+    try:
+        result = run_client("carol", f"--port={scripted.port}", stdin="hello\n")
+    finally:
+        scripted.stop()
+    assert result.returncode == 0 and re.search(rf"{TIME} #lobby <carol> hello", result.stdout)
+    assert len(result.stderr.splitlines()) == 1 and "probably yours" in result.stderr
+    assert len(scripted.logins) == 2
+
+
+def test_a_name_held_for_longer_than_the_client_waits_is_refused_at_once():
+    """A retry_after beyond what the client waits for is refused with the server's sentence, without waiting."""
+    scripted = ScriptedServer(CAROL_EVENTS, refusals=[held_refusal(retry_after=client.HELD_WAIT_LIMIT_SECONDS)])
+    try:
+        result = run_client("carol", f"--port={scripted.port}")
+    finally:
+        scripted.stop()
+    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1
+    assert "someone with that name is reconnecting" in result.stderr and len(scripted.logins) == 1
 
 
 def test_an_invalid_username_is_one_clear_sentence_and_a_failure(server):

@@ -14,15 +14,15 @@ import urllib.request
 
 import pytest
 from conftest import free_port
-from screen import (HOSTILE_EVENTS, NO_PTY, Screen, ScriptedServer, display_width, start_server, stop_server,
-                    wait_for)
+from screen import (CAROL_EVENTS, HOSTILE_EVENTS, NO_PTY, Screen, ScriptedServer, display_width, held_refusal,
+                    start_server, stop_server, wait_for)
 
 import client
 
 termios = pytest.importorskip("termios", reason=NO_PTY)  # every test here runs the client in a pseudo-terminal
 
 ROWS, COLS = 24, 100
-PAGE_UP, UP, TAB, CTRL_C, CTRL_Z = "\x1b[5~", "\x1b[A", "\t", "\x03", "\x1a"
+PAGE_UP, PAGE_DOWN, UP, DOWN, TAB, CTRL_C, CTRL_Z = "\x1b[5~", "\x1b[6~", "\x1b[A", "\x1b[B", "\t", "\x03", "\x1a"
 
 
 @pytest.fixture
@@ -188,6 +188,59 @@ def test_page_up_scrolls_back_through_the_room(carol_and_bob):
     carol.type(PAGE_UP)
     carol.wait_for_text("scrolled up")
     assert carol.shows("line 5 ") and not carol.shows("line 39")
+
+
+def test_scrolled_up_the_view_stays_still_and_says_how_many_new_messages_wait_below(carol_and_bob):
+    """While carol reads back with PgUp, bob's new lines do not move her view; a marker counts them; PgDn shows them."""
+    carol, bob = carol_and_bob
+    for number in range(40):
+        bob.send(f"line {number}")
+    carol.wait_for_text("line 39")
+    carol.type(PAGE_UP)
+    carol.wait_for_text("scrolled up")
+    view = carol.lines()[1:-2]
+    bob.send("fresh one")
+    bob.send("fresh two")
+    carol.wait_for_text("scrolled up: 2 new messages below · PgDn goes back down")
+    assert carol.lines()[1:-2] == view
+    carol.type(PAGE_DOWN + PAGE_DOWN)
+    wait_for(lambda: carol.shows("bob │ fresh two") and not carol.shows("scrolled up"), what=lambda: carol.text())
+
+
+def input_text(screen: Screen) -> str:
+    """What the input line holds, after the prompt."""
+    return screen.input_line().partition("› ")[2].rstrip()
+
+
+def test_browsing_the_history_keeps_a_line_typed_meanwhile(screens, port):
+    """Up, Ctrl-U, type, Up, Down, Down: what was typed is back in the input line, not lost."""
+    carol = screens("carol", port)
+    for line in ("first", "second"):
+        carol.send(line)
+        carol.wait_for_text(f"carol │ {line}")
+    carol.type(UP)
+    wait_for(lambda: input_text(carol) == "second", what=lambda: carol.input_line())
+    carol.type(client.ctrl("u") + "my draft")
+    wait_for(lambda: input_text(carol) == "my draft", what=lambda: carol.input_line())
+    carol.type(UP)
+    wait_for(lambda: input_text(carol) == "second", what=lambda: carol.input_line())
+    carol.type(DOWN + DOWN)
+    wait_for(lambda: input_text(carol) == "my draft", what=lambda: carol.input_line())
+
+
+def test_a_relaunch_while_your_old_session_is_held_waits_for_the_name_and_gets_in():
+    """The server still holds carol's name for the session her crashed client left: she is told it is
+    probably hers, the client waits for the name to be free, and logs in by itself."""
+    server = ScriptedServer(CAROL_EVENTS, refusals=[held_refusal(retry_after=1.0)])
+    carol = Screen("carol", f"--port={server.port}", rows=ROWS, cols=COLS)
+    try:
+        wait_for(lambda: b"held for a session that dropped a moment ago, probably yours" in carol.raw,
+                 what=lambda: carol.raw.decode(errors="replace"))
+        wait_for(lambda: carol.header().rstrip().endswith("connected"), what=lambda: carol.text())
+        assert [login["username"] for login in server.logins] == ["carol", "carol"]
+    finally:
+        carol.close()
+        server.stop()
 
 
 def terminal_is_restored(screen: Screen) -> bool:
