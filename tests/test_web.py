@@ -635,7 +635,7 @@ def test_the_page_has_labels_and_announces_new_messages_politely(server, alice):
 
 @pytest.mark.limits(rate_per_second=0)
 def test_dom_updates_are_batched_per_animation_frame(server, alice):
-    """Fifty messages between two frames change the page once, in the next frame."""
+    """Fifty messages between two frames ask for one frame and change the page in it, not before."""
     hold_frames = """if (framePending) return false;  // a frame already asked for comes first
                       window.heldFrames = [];  // from now on, the test decides when frames happen
                       window.requestAnimationFrame = (callback) => heldFrames.push(callback);
@@ -649,7 +649,8 @@ def test_dom_updates_are_batched_per_animation_frame(server, alice):
                    "all fifty in the model")
     assert alice.js("return heldFrames.length") == 1
     assert alice.js("return document.querySelectorAll('#messages p').length") == drawn
-    alice.js("heldFrames.splice(0).forEach((callback) => callback(performance.now()))")
+    # Let the frames run (a draw within 50 ms of the last one waits for a later frame).
+    alice.js("while (heldFrames.length) heldFrames.splice(0).forEach((callback) => callback(performance.now()))")
     assert alice.lines()[-1].endswith("carol busy 49")
     assert len(alice.lines()) == drawn + 51  # carol joined, and her fifty lines
 
