@@ -448,7 +448,7 @@ def test_quit_leaves_at_once_and_shows_the_login_form(server, alice):
 def test_a_refused_line_shows_the_servers_error_by_the_input_line(server, alice):
     """An unknown command's error appears beside the input, in a region read out at once."""
     alice.type("/dance")
-    alice.wait_for(lambda: alice.notice().startswith("unknown_command: "), "the error by the input line")
+    alice.wait_for(lambda: alice.notice().startswith("Unknown command /dance."), "the error by the input line")
     assert alice.js("return document.getElementById('notice').closest('form').id") == "send"
     assert alice.js("return document.getElementById('notice').getAttribute('role')") == "alert"
     alice.type("fine now")
