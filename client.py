@@ -306,8 +306,11 @@ def wrap(text: str, width: int) -> list[str]:
 
 def local_time(timestamp: object = None) -> str:
     """A server timestamp (ISO 8601, UTC) as local HH:MM:SS; now, if it is missing or unreadable."""
+    text = str(timestamp)
+    if text.endswith("Z"):  # UTC; Python 3.11 reads the "Z" itself, 3.9 and 3.10 need it spelled out
+        text = text[:-1] + "+00:00"
     try:
-        moment = datetime.fromisoformat(str(timestamp))  # Python 3.11 reads the "Z"
+        moment = datetime.fromisoformat(text)
     except ValueError:
         moment = datetime.now(UTC)
     if moment.tzinfo is None:
@@ -1686,13 +1689,15 @@ class SplitView:
         However many events arrive meanwhile, they wait for the next frame and
         share it. A key does not wait: typing stays instant in the busiest room.
         """
-        loop = asyncio.get_running_loop()
+        loop, timer = asyncio.get_running_loop(), None
         while True:
             await self.dirty.wait()
             self.dirty.clear()
             self.redraw()
             self.may_draw.clear()
-            loop.call_later(1 / FRAMES_PER_SECOND, self.may_draw.set)
+            if timer is not None:
+                timer.cancel()  # a key cut the last wait short: its timer must not shorten this one
+            timer = loop.call_later(1 / FRAMES_PER_SECOND, self.may_draw.set)
             await self.may_draw.wait()
 
     def repaint(self) -> None:
