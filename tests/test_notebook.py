@@ -63,6 +63,7 @@ def test_only_the_helper_cell_reaches_into_a_connection():
 
 
 def test_the_committed_notebook_says_how_to_join_its_server():
-    """The first output gives the command that joins the notebook's own server from a terminal."""
+    """The first output says how to join the notebook's own server: the terminal command and the web page."""
     first_output = committed_code_cells()[0].outputs[0].text
-    assert re.search(r"python client\.py \S+ --port=\d+", first_output)
+    port = re.search(r"python client\.py \S+ --port=(\d+)", first_output).group(1)
+    assert f"http://localhost:{port}/" in first_output
