@@ -165,27 +165,41 @@ def server(server_loop, limits) -> WebServer:
 # ---- the browser ----
 
 
-def start_browser(profile: Path) -> webdriver.Chrome:
+def find_browser() -> tuple[str | None, str | None]:
+    """Chromium (Debian's name first, then other common ones) and its driver, or None for each."""
+    browser = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    driver_folder = os.environ.get("CHROMEWEBDRIVER")  # where GitHub's runner images keep it
+    driver = shutil.which("chromedriver") or (driver_folder and shutil.which("chromedriver", path=driver_folder))
+    return browser, driver or None
+
+
+def is_ci() -> bool:
+    """Whether we run under continuous integration (CI=true), where nothing may skip."""
+    return os.environ.get("CI", "").lower() not in ("", "0", "false")
+
+
+def start_browser(profile: Path, browser_path: str, driver_path: str) -> webdriver.Chrome:
     """Headless Chromium with a fresh profile, logging the console for the tests to read."""
     options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
+    options.binary_location = browser_path
     for argument in BROWSER_ARGUMENTS:
         options.add_argument(argument)
     options.add_argument(f"--user-data-dir={profile}")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    return webdriver.Chrome(service=Service(driver_path), options=options)
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     """One browser for the whole module; each test opens windows of its own."""
-    if not (shutil.which("chromium") and shutil.which("chromedriver")):
-        if os.environ.get("CI"):
+    browser_path, driver_path = find_browser()
+    if not (browser_path and driver_path):
+        if is_ci():
             pytest.fail(f"CI must run the browser tests. {GET_INSTALLED}")
         pytest.skip(GET_INSTALLED)
-    driver = start_browser(tmp_path_factory.mktemp("chromium-profile"))
-    yield driver
-    driver.quit()
+    chromium = start_browser(tmp_path_factory.mktemp("chromium-profile"), browser_path, driver_path)
+    yield chromium
+    chromium.quit()
 
 
 class Page:
