@@ -343,7 +343,7 @@ def test_the_page_is_one_file_with_nothing_its_policy_would_block():
 
 
 def test_the_page_runs_under_its_policy_without_a_violation(server, alice):
-    """Joining, chatting, switching rooms and the counter all work with nothing blocked by the policy."""
+    """Joining, chatting and switching rooms by a click all work with nothing blocked by the policy."""
     console_messages(alice.driver)
     alice.type("/join general")
     alice.type("hello under the policy")
