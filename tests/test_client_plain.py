@@ -4,6 +4,8 @@ Plain mode is what `printf '/join x\\nhello\\n' | python client.py dave` runs: l
 in, one printed line per event out, a clean exit at the end of input.
 """
 
+from __future__ import annotations
+
 import json
 import re
 import socket
