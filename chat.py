@@ -59,8 +59,10 @@ if sys.version_info < (3, 9):  # before anything newer Pythons alone understand
 import argparse
 import asyncio
 import base64
+import errno
 import gc
 import hashlib
+import heapq
 import json
 import logging
 import os
@@ -70,6 +72,9 @@ import signal
 import socket
 import struct
 import time
+import unicodedata
+from array import array
+from bisect import bisect_right
 from collections import deque
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -81,7 +86,8 @@ import tornado.netutil
 import tornado.web
 import tornado.websocket
 from tornado.httpserver import HTTPServer
-from tornado.iostream import StreamBufferFullError, StreamClosedError
+from tornado.ioloop import IOLoop
+from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
 log = logging.getLogger("chat")
 
@@ -117,7 +123,18 @@ class Limits:
     ping_interval: float = limit(20.0, "seconds between keepalive pings; a peer silent for "
                                  "two is dropped")
     resume_grace: float = limit(30.0, "seconds a dropped user's session is held for resume")
-    handshake_timeout: float = limit(30.0, "seconds a new connection has to finish its handshake")
+    handshake_timeout: float = limit(10.0, "seconds a new connection has to finish its handshake")
+    # ... and section 14 these: what one person with a script must not be able to take.
+    max_handshakes: int = limit(256, "connections still in their handshake, in total (and at most "
+                                "a quarter of the open-file limit)")
+    handshake_rate: float = limit(5.0, "new connections a second from one address, in bursts of "
+                                  "twice that (this machine's own address is exempt)")
+    max_per_address: int = limit(10, "users online plus sessions held for resume, from one address "
+                                 "(this machine's own address is exempt)")
+    max_rooms: int = limit(1000, "rooms on the server, the lobby included")
+    max_rooms_per_user: int = limit(20, "rooms one user may be in at once, the lobby included")
+    room_budget: int = limit(40_000, "deliveries a second one room may cause: a line to a room "
+                             "of N users costs N")
 
     @property
     def max_frame_bytes(self) -> int:
@@ -151,6 +168,9 @@ CLOSE_BAD_TOKEN = 4004  # Part II: resume
 CLOSE_IDLE = 4008  # Part II: idle timeout
 CLOSE_SLOW_CONSUMER = 4009
 CLOSE_REPLACED = 4010  # Part II: the same session resumed on a newer connection
+CLOSE_PROTOCOL_ERROR = 1002  # Part II: a frame that breaks RFC 6455 (section 14.7)
+CLOSE_ADDRESS_FULL = 4005  # Part II: too many connections from one address (14.4)
+CLOSE_FLOODING = 4029  # Part II: kept sending after `rate_limited` (14.6)
 
 
 class Refusal(Exception):
@@ -302,7 +322,7 @@ def run_leave(manager: RoomManager, user: User, argument: str) -> None:
 
 def run_rooms(manager: RoomManager, user: User, argument: str) -> None:
     """/rooms: list every room with its member count."""
-    manager.send(user, rooms_event(sorted(manager.rooms.values(), key=lambda room: room.name)))
+    manager.send(user, manager.rooms_list())
 
 
 def run_users(manager: RoomManager, user: User, argument: str) -> None:
@@ -546,12 +566,15 @@ class RoomManager:
 
     # -- reporting --
 
+    def rooms_list(self) -> dict:
+        """The `rooms` event that /rooms replies with: every room and its member count, by name."""
+        return rooms_event(sorted(self.rooms.values(), key=lambda room: room.name))
+
     def status(self) -> dict:
         """What GET /status shows: connections, users, rooms and limits."""
         online = [user.username for user in self.users.values() if user.connection is not None]
-        rooms = sorted(self.rooms.values(), key=lambda room: room.name)
         return {"connections": len(self.connections), "users": sorted(online),
-                "rooms": rooms_event(rooms)["rooms"], "limits": asdict(self.limits)}
+                "rooms": self.rooms_list()["rooms"], "limits": asdict(self.limits)}
 
 
 # ---- 6. WebSocket handler ------------------------------------------------------------
@@ -714,7 +737,8 @@ class PageHandler(tornado.web.RequestHandler):
 
 def inline_hashes(page: bytes, tag: bytes) -> str:
     """CSP sources for the bodies of the page's inline <script> or <style> elements."""
-    bodies = re.findall(rb"<%s>(.*?)</%s>" % (tag, tag), page, re.S)
+    markup = re.sub(rb"<!--.*?-->", b"", page, flags=re.S)  # a tag named in a comment is not code
+    bodies = re.findall(rb"<%s>(.*?)</%s>" % (tag, tag), markup, re.S)
     digests = (base64.b64encode(hashlib.sha256(body).digest()).decode() for body in bodies)
     return " ".join(f"'sha256-{digest}'" for digest in digests) or "'none'"
 
@@ -743,20 +767,22 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
                                             request.path, request.remote_ip, 1000 * request.request_time())
 
 
-def make_app(manager: RoomManager, socket_class: type[ChatSocket] = ChatSocket) -> tornado.web.Application:
+def make_app(manager: RoomManager, socket_class: type[ChatSocket] = ChatSocket,
+             status_class: type[StatusHandler] = StatusHandler) -> tornado.web.Application:
     """The Tornado application: the page at /, the chat socket at /ws, the status at /status."""
     return tornado.web.Application(
         [(r"/", PageHandler), (r"/ws", socket_class, {"manager": manager}),
-         (r"/status", StatusHandler, {"manager": manager})],
+         (r"/status", status_class, {"manager": manager})],
         log_function=log_request, **socket_class.app_settings(manager.limits))
 
 
 class ServerParts(NamedTuple):
-    """What a lesson's server is made of: the room manager, the socket, the HTTP server."""
+    """What a lesson's server is made of: the room manager, the socket, the HTTP server, GET /status."""
 
     manager: type[RoomManager]
     socket: type[ChatSocket]
     http_server: Callable[[tornado.web.Application, Limits], HTTPServer]
+    status: type[StatusHandler] = StatusHandler
 
 
 def serve(limits: Limits = Limits(), port: int = 0, address: str = "",
@@ -765,7 +791,7 @@ def serve(limits: Limits = Limits(), port: int = 0, address: str = "",
     parts = LESSONS[lesson]  # lesson 1 is Part I alone; lesson 2 adds Part II (section 15)
     manager = parts.manager(limits)
     sockets = tornado.netutil.bind_sockets(port, address)
-    server = parts.http_server(make_app(manager, parts.socket), limits)
+    server = parts.http_server(make_app(manager, parts.socket, parts.status), limits)
     server.add_sockets(sockets)
     return server, manager, sockets[0].getsockname()[1]
 
@@ -1016,17 +1042,18 @@ class TokenBucket:
     tokens: float
     updated_at: float
 
-    def take(self, now: float) -> float:
-        """Take a token: 0.0 if there was one, else the seconds until there will be."""
+    def take(self, now: float, cost: float = 1.0) -> float:
+        """Take `cost` tokens (a line costs one): 0.0 if there were enough, else seconds until there are."""
         if self.rate_per_second <= 0:
             return 0.0
         refill = (now - self.updated_at) * self.rate_per_second
         self.tokens = min(self.burst, self.tokens + refill)
         self.updated_at = now
-        if self.tokens >= 1:
-            self.tokens -= 1
+        cost = min(cost, self.burst)  # never more than a full bucket, or it could never be paid
+        if self.tokens >= cost:
+            self.tokens -= cost
             return 0.0
-        return (1 - self.tokens) / self.rate_per_second
+        return (cost - self.tokens) / self.rate_per_second
 
 
 @dataclass(eq=False)
@@ -1036,6 +1063,19 @@ class CrowdUser(User):
     bucket: TokenBucket | None = None  # the rate limit (this section)
     missed: deque | None = None  # messages that arrived while dropped (section 13)
     grace_timer: asyncio.TimerHandle | None = None  # ends a held session (section 13)
+    history: deque | None = None  # the last messages delivered, for resume (section 14.3)
+    forgotten: array | None = None  # seqs of messages that fell out of `history` (14.3)
+    held_at_seq: int = 0  # the last message seq when the session was held (14.3)
+    held_until: float = 0.0  # when a held session ends, on the manager's clock (14.4)
+    lost: int = 0  # messages the last resume could no longer replay (14.3)
+    address: str | None = None  # where the user connects from (14.4)
+    strikes: int = 0  # frames refused since the last one the rate limit let through (14.6)
+
+
+def rate_limited(retry_after: float) -> Refusal:
+    """The refusal for a line over the rate limit: try again in `retry_after` seconds."""
+    return Refusal("rate_limited", f"Slow down: you can send again in {retry_after:.1f} s.",
+                   retry_after=round(retry_after, 3))
 
 
 class RateLimitedRoomManager(QuietRoomManager):
@@ -1055,12 +1095,15 @@ class RateLimitedRoomManager(QuietRoomManager):
 
     def handle_line(self, user: CrowdUser, line: str) -> None:
         """Refuse the line if the user's bucket is empty; otherwise handle it as in Part I."""
+        if self.spend_token(user):
+            super().handle_line(user, line)
+
+    def spend_token(self, user: CrowdUser) -> bool:
+        """Take a token for one line; with none left, refuse it, saying when to try again."""
         retry_after = user.bucket.take(self.clock())
         if retry_after:
-            self.refuse(user, Refusal("rate_limited", f"Slow down: you can send again in "
-                                      f"{retry_after:.1f} s.", retry_after=round(retry_after, 3)))
-            return
-        super().handle_line(user, line)
+            self.refuse(user, rate_limited(retry_after))
+        return not retry_after
 
 
 # ---- 12. Keepalive and idle timeout --------------------------------------------------
@@ -1090,8 +1133,9 @@ class KeepaliveChatSocket(FastChatSocket):
             self.schedule_idle_check(self.manager.limits.idle_timeout)
 
     def on_message(self, message: str | bytes) -> None:
-        """Any frame counts as activity."""
-        self.last_active = time.monotonic()
+        """A line counts as activity (a binary frame is no line: it keeps nobody online)."""
+        if isinstance(message, str):
+            self.last_active = time.monotonic()
         super().on_message(message)
 
     def on_close(self) -> None:
@@ -1274,17 +1318,682 @@ class ResumableChatSocket(KeepaliveChatSocket):
 
 
 # ---- 14. Hardening -------------------------------------------------------------------
-# What one person with a script must not be able to take from the class.
+# What one person with a script must not be able to take from the class. Each attack
+# below was run against the server on this machine, in bounded scripts; the numbers
+# are what it did before the change. tests/test_attacks.py replays every one of them
+# and checks the bound. The server's own machine (127.0.0.1: the teacher, the notebook,
+# the tests, the benchmark) is exempt from the per-address limits.
+
+
+# ---- 14.1 The doors: file descriptors, handshakes, and each address's share ----------
+# Problem: every connection is an open file, and connections that sent their
+# handshake a byte at a time were not capped: 40 of 40 stayed open until the
+# handshake timeout. At the open-file limit, Tornado's accept handler failed on
+# every pass of the loop: 11,600 "Too many open files" tracebacks (7 MB of log) in
+# 3 s, and nobody could connect. One address took all 1,000 seats in 1.7 s.
+# Change: out of descriptors, accepting pauses for ACCEPT_PAUSE_SECONDS and the log
+# says so once (nginx does the same); the waiting connections keep. At most
+# --max-handshakes connections (and a quarter of the open-file limit) may be in
+# their handshake, each for --handshake-timeout seconds. One address may open
+# --handshake-rate connections a second and have --max-per-address of them in their
+# handshake. A new connection over a limit is closed at once: it costs one accept().
+# Cost: our own accept loop (Tornado's, plus the pause). Behind a NAT, where a whole
+# class shares one address, --max-per-address must be raised (or 0).
+
+ACCEPT_PAUSE_SECONDS = 1.0  # how long accepting pauses when the process is out of file descriptors
+LOCAL_ADDRESSES = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})  # this machine: exempt
+OUT_OF_DESCRIPTORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
+                      getattr(errno, "WSAEMFILE", errno.EMFILE)}  # the last one: Windows
+
+
+def is_local(address: str | None) -> bool:
+    """Is this the server's own machine? (None: a connection without a socket, in a test.)"""
+    return address is None or address in LOCAL_ADDRESSES
+
+
+def open_file_limit() -> int | None:
+    """How many files this process may have open, where the system sets such a limit."""
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return None
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+class GuardedHTTPServer(HTTPServer):
+    """An HTTP server that rations new connections, and pauses when it runs out of descriptors."""
+
+    def initialize(self, app: tornado.web.Application, limits: Limits) -> None:
+        """Tornado's server with the handshake timeout, plus the counts the limits need."""
+        super().initialize(app, idle_connection_timeout=limits.handshake_timeout or None)
+        self.limits, self.stopped = limits, False
+        file_limit = open_file_limit()
+        caps = [cap for cap in (limits.max_handshakes, file_limit and file_limit // 4) if cap]
+        self.max_handshakes = min(caps) if caps else 0
+        self.handshaking: dict[IOStream, str] = {}  # connections in their HTTP phase -> address
+        self.handshakes_from: dict[str, int] = {}  # how many of them per address
+        self.rates: dict[str, TokenBucket] = {}  # new connections per address
+        self.refused, self.refused_logged_at = 0, 0.0
+
+    def add_sockets(self, sockets: list[socket.socket]) -> None:
+        """Listen as Tornado does, but accept with our own handler, which can pause."""
+        super().add_sockets(sockets)
+        for sock in sockets:
+            IOLoop.current().remove_handler(sock)  # Tornado's accept handler ...
+            IOLoop.current().add_handler(sock, self.accept, IOLoop.READ)  # ... becomes ours
+
+    def stop(self) -> None:
+        """Stop listening for good, even if a pause was about to end."""
+        self.stopped = True
+        super().stop()
+
+    def accept(self, sock: socket.socket, events: int) -> None:
+        """Accept the connections waiting (at most a listen backlog, as Tornado does)."""
+        for _ in range(128):
+            try:
+                connection, address = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return  # nobody else is waiting
+            except ConnectionAbortedError:
+                continue  # gone before we got to it
+            except OSError as error:
+                if error.errno not in OUT_OF_DESCRIPTORS:
+                    raise
+                self.pause_accepting(sock, error)
+                return
+            self.admit(connection, address)
+
+    def pause_accepting(self, sock: socket.socket, error: OSError) -> None:
+        """Out of file descriptors: stop accepting for a moment, instead of failing on every loop pass."""
+        IOLoop.current().remove_handler(sock)
+        log.warning("cannot accept connections: %s (%d handshakes under way); trying again in %g s",
+                    error.strerror, len(self.handshaking), ACCEPT_PAUSE_SECONDS)
+        IOLoop.current().call_later(ACCEPT_PAUSE_SECONDS, self.resume_accepting, sock)
+
+    def resume_accepting(self, sock: socket.socket) -> None:
+        """Timer callback: accept again, unless the server stopped meanwhile."""
+        if not self.stopped:
+            IOLoop.current().add_handler(sock, self.accept, IOLoop.READ)
+
+    def admit(self, connection: socket.socket, address: tuple) -> None:
+        """Hand a new connection to Tornado, or close it at once if it is over a limit."""
+        reason = self.over_limit(address[0])
+        if reason:
+            connection.close()
+            self.note_refusal(reason)
+            return
+        limit_send_buffer(connection)  # section 14.2
+        stream = IOStream(connection, max_buffer_size=self.max_buffer_size,
+                          read_chunk_size=self.read_chunk_size)
+        self.handle_stream(stream, address)
+
+    def over_limit(self, address: str) -> str:
+        """Why a new connection from `address` must be refused now; "" if it may come in."""
+        if self.max_handshakes and len(self.handshaking) >= self.max_handshakes:
+            return f"{self.max_handshakes} connections already in their handshake"
+        if is_local(address):
+            return ""
+        per_address = self.limits.max_per_address
+        if per_address and self.handshakes_from.get(address, 0) >= per_address:
+            return f"{per_address} connections from {address} already in their handshake"
+        if self.limits.handshake_rate and self.rate_of(address).take(time.monotonic()):
+            return f"more than {self.limits.handshake_rate:g} new connections a second from {address}"
+        return ""
+
+    def rate_of(self, address: str) -> TokenBucket:
+        """The bucket of new connections from one address (section 11's token bucket)."""
+        bucket = self.rates.get(address)
+        if bucket is None:
+            if len(self.rates) >= 10_000:  # many addresses: forget those that have been quiet
+                now = time.monotonic()
+                self.rates = {a: b for a, b in self.rates.items() if now - b.updated_at < 60}
+            rate = self.limits.handshake_rate
+            bucket = self.rates[address] = TokenBucket(rate, max(1.0, 2 * rate), max(1.0, 2 * rate),
+                                                       time.monotonic())
+        return bucket
+
+    def note_refusal(self, reason: str) -> None:
+        """Count a refused connection; log at most once a second, so a flood cannot fill the log."""
+        self.refused += 1
+        now = time.monotonic()
+        if now - self.refused_logged_at >= ACCEPT_PAUSE_SECONDS:
+            log.warning("refused %d new connection(s): %s", self.refused, reason)
+            self.refused, self.refused_logged_at = 0, now
+
+    def handle_stream(self, stream: IOStream, address: tuple) -> None:
+        """Count the connection as in its handshake until Tornado's HTTP phase ends."""
+        self.handshaking[stream] = address[0]
+        self.handshakes_from[address[0]] = self.handshakes_from.get(address[0], 0) + 1
+        super().handle_stream(stream, address)
+
+    def on_close(self, server_conn) -> None:
+        """Tornado's HTTP phase ended (a WebSocket took over, or the connection closed)."""
+        address = self.handshaking.pop(server_conn.stream, None)
+        if address is not None:
+            self.handshakes_from[address] -= 1
+            if not self.handshakes_from[address]:
+                del self.handshakes_from[address]
+        super().on_close(server_conn)
+
+
+# ---- 14.2 A client that stops reading: the kernel's buffer counts too -----------------
+# Problem: --max-backlog bounds what waits in this process for a client that
+# stopped reading, but the kernel's send buffer for its socket grows by itself up to
+# 4 MiB: one client that never read held 2.8 MB of kernel memory beside a 64 KiB
+# backlog; 580 of them held 1.5 GB, where Linux starts squeezing TCP for every
+# program on the machine.
+# Change: every accepted socket gets a fixed SEND_BUFFER_BYTES send buffer (Linux
+# doubles it for its bookkeeping), so a stalled reader costs at most --max-backlog
+# plus 128 KiB. Cost: none a class notices; on a LAN (1 ms round trip) 128 KiB in
+# flight still moves 100 MB a second.
+
+SEND_BUFFER_BYTES = 64 * 1024
+
+
+def limit_send_buffer(connection: socket.socket) -> None:
+    """Fix the kernel's send buffer of a new connection (it no longer grows by itself)."""
+    try:
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+    except OSError:
+        pass  # a system that will not set it keeps its own size
+
+
+# ---- 14.3 Resume that loses nothing: message numbers and single-use tokens ------------
+# Problem: a laptop whose Wi-Fi died still had an open socket on the server, so the
+# messages sent meanwhile went into it and were gone: resuming over it replayed 0 of
+# 10 lines, and `welcome` said `missed: 0`. And the token never changed: anyone who
+# saw it once could take the session over, again and again.
+# Change: every `message` carries `seq`, one counter for the whole server, and each
+# user keeps the last REPLAY_LIMIT_MESSAGES delivered to them, online or held. A
+# client resumes with `&last_seq=N` (the highest it saw) and gets every later one the
+# server still has; `welcome` says how many in `missed`, and how many it no longer has
+# in `lost`. Every `welcome` carries a new token; the one used is dead.
+# Cost: 100 message references per user (the messages themselves are shared), and
+# 8 bytes for each message that falls out of them, for up to LOST_COUNT_LIMIT.
+
+LOST_COUNT_LIMIT = 1000  # messages counted for `lost` per user; past it, `lost` is "at least"
+
+
+class LosslessRoomManager(ResumableRoomManager):
+    """A RoomManager that numbers messages, replays from the client's last one, and renews tokens."""
+
+    def __init__(self, limits: Limits = Limits(), wall_clock: Callable[[], float] = time.time,
+                 clock: Callable[[], float] = time.monotonic, call_later=None):
+        """As before, plus the server-wide message counter."""
+        super().__init__(limits, wall_clock, clock, call_later)
+        self.seq = 0  # the seq of the latest message
+
+    def broadcast(self, room: Room, event: dict, skip: CrowdUser | None = None) -> None:
+        """Number each message before it goes out."""
+        if event["type"] == "message":
+            self.seq += 1
+            event["seq"] = self.seq
+        super().broadcast(room, event, skip)
+
+    def deliver(self, user: CrowdUser, outbound: Outbound) -> None:
+        """Keep every message for replay, and send it now if the user is online."""
+        if outbound.event["type"] == "message" and not outbound.event.get("replayed"):
+            self.remember(user, outbound)
+        if user.connection is not None:
+            user.connection.send(outbound)
+
+    def remember(self, user: CrowdUser, outbound: Outbound) -> None:
+        """Keep the newest REPLAY_LIMIT_MESSAGES; note the seq of the one that falls out."""
+        if user.history is None:
+            user.history, user.forgotten = deque(maxlen=REPLAY_LIMIT_MESSAGES), array("q")
+        if len(user.history) == REPLAY_LIMIT_MESSAGES:
+            user.forgotten.append(user.history[0].event["seq"])
+            if len(user.forgotten) > 2 * LOST_COUNT_LIMIT:
+                del user.forgotten[:LOST_COUNT_LIMIT]
+        user.history.append(outbound)
+
+    def disconnect(self, user: CrowdUser, connection: Connection, reason: str, hold: bool = False) -> None:
+        """As before; a held session remembers the last seq, where its replay starts."""
+        if user.connection is connection:
+            user.held_at_seq = self.seq
+        super().disconnect(user, connection, reason, hold)
+
+    def resume(self, username: str, token: str, connection: Connection) -> CrowdUser:
+        """Replay what came after the client's last_seq, and hand out a new token."""
+        user = self.sessions.get(token)
+        if user is not None and (not username or fold(username) == fold(user.username)):
+            after = getattr(connection, "last_seq", None)
+            if after is None:  # the client did not say: what came while held (nothing if it was not)
+                after = user.held_at_seq if user.connection is None else self.seq
+            user.missed = deque(outbound for outbound in user.history or () if outbound.event["seq"] > after)
+            user.lost = len(user.forgotten or ()) - bisect_right(user.forgotten or (), after)
+            del self.sessions[token]  # single use: the token just used is dead
+            user.token = token = secrets.token_urlsafe(24)
+            self.sessions[token] = user
+        return super().resume(username, token, connection)
+
+    def welcome(self, user: CrowdUser, resumed: bool = False, missed: int = 0) -> dict:
+        """As before, plus `lost`: missed messages the server no longer had to replay."""
+        return {**super().welcome(user, resumed, missed), "lost": user.lost if resumed else 0}
+
+
+class LosslessChatSocket(ResumableChatSocket):
+    """A ChatSocket that reads `last_seq` from the URL, for the manager's resume."""
+
+    def open(self) -> None:
+        """Note the newest message seq the client has (None if it did not say), then log in."""
+        raw = self.request.query_arguments.get("last_seq", [b""])[-1]
+        self.last_seq = int(raw) if raw.isdigit() and len(raw) < 19 else None
+        super().open()
+
+
+# ---- 14.4 Held sessions: bounded, and never in anyone's way ---------------------------
+# Problem: resume ignored --max-connections: fill the server, drop every connection
+# without a close frame, fill it again, and resume every token: 9 users online with
+# --max-connections=3 (500 with 50), and the backlog bound multiplied with them. Held
+# sessions had no bound (23,501 piled up in 20 s, +80 MB); they kept their names (the
+# real alice, refused 20 times in a row, was never told when to try again) and their
+# seats (200 of them filled #general, so nobody could join it).
+# Change: a resume that would pass --max-connections gets `server_full` (the session
+# stays held); at most --max-connections sessions are held, and one more ends the
+# oldest; a newcomer to a room full of held sessions ends the oldest of them.
+# `username_taken` for a held name carries `held` and `retry_after`. One address may
+# have --max-per-address users online plus sessions held (more: 4005, `address_full`).
+# Cost: under pressure, a dropped user may lose their session before the grace ends.
+
+
+class BoundedSessionsRoomManager(LosslessRoomManager):
+    """A RoomManager whose held sessions are bounded: in number, per address, and in seats."""
+
+    def __init__(self, limits: Limits = Limits(), wall_clock: Callable[[], float] = time.time,
+                 clock: Callable[[], float] = time.monotonic, call_later=None):
+        """As before, plus the held sessions in order and the sessions per address."""
+        super().__init__(limits, wall_clock, clock, call_later)
+        self.held: dict[CrowdUser, None] = {}  # held sessions, oldest first (a dict keeps order)
+        self.sessions_from: dict[str, int] = {}  # users online plus held sessions, per address
+
+    def connect(self, username: str, token: str, connection: Connection) -> CrowdUser:
+        """A new login from an address that has its share already gets `address_full`."""
+        if token:
+            return super().connect(username, token, connection)  # a resume: checked in resume()
+        address = getattr(connection, "address", None)
+        self.check_address(address)
+        user = super().connect(username, token, connection)
+        self.move_session(user, address)
+        return user
+
+    def check_address(self, address: str | None) -> None:
+        """Refuse one more session from an address that has --max-per-address already."""
+        share = self.limits.max_per_address
+        if share and not is_local(address) and self.sessions_from.get(address, 0) >= share:
+            raise Refusal("address_full", f"Too many connections from your address ({share}): "
+                          "close one, or wait a little.", CLOSE_ADDRESS_FULL)
+
+    def move_session(self, user: CrowdUser, address: str | None) -> None:
+        """Count the user's session against `address` (None: against no address any more)."""
+        if user.address is not None:
+            self.sessions_from[user.address] -= 1
+            if not self.sessions_from[user.address]:
+                del self.sessions_from[user.address]
+        user.address = address
+        if address is not None:
+            self.sessions_from[address] = self.sessions_from.get(address, 0) + 1
+
+    def resume(self, username: str, token: str, connection: Connection) -> CrowdUser:
+        """Coming back online must fit --max-connections, and the new address's share."""
+        user = self.sessions.get(token)
+        address = getattr(connection, "address", None)
+        if user is not None and (not username or fold(username) == fold(user.username)):
+            full = self.limits.max_connections and self.online >= self.limits.max_connections
+            if user.connection is None and full:
+                raise Refusal("server_full", f"The server is full ({self.limits.max_connections} "
+                              "users). Try again later.", CLOSE_SERVER_FULL)
+            if address != user.address:
+                self.check_address(address)
+        user = super().resume(username, token, connection)
+        self.held.pop(user, None)
+        self.move_session(user, address)
+        return user
+
+    def disconnect(self, user: CrowdUser, connection: Connection, reason: str, hold: bool = False) -> None:
+        """As before; a session now held joins the queue, and past the bound the oldest ends."""
+        super().disconnect(user, connection, reason, hold)
+        if user.connection is None and user.grace_timer is not None and self.sessions.get(user.token) is user:
+            user.held_until = self.clock() + self.limits.resume_grace
+            self.held[user] = None
+            while self.limits.max_connections and len(self.held) > self.limits.max_connections:
+                self.end_early(next(iter(self.held)), "too many sessions held")
+
+    def end_early(self, user: CrowdUser, why: str) -> None:
+        """End a held session before its grace runs out (its rooms are told, its name is free)."""
+        self.end_session(user, "connection lost")
+        log.info("session of %s ended early: %s (connections: %d)", user.username, why, len(self.connections))
+
+    def end_session(self, user: CrowdUser, reason: str) -> None:
+        """As before; the session leaves the held queue and its address's count."""
+        self.held.pop(user, None)
+        self.move_session(user, None)
+        super().end_session(user, reason)
+
+    def name_taken(self, username: str, holder: CrowdUser) -> Refusal:
+        """For a held name, say so, and in how many seconds it is free at the latest."""
+        refusal = super().name_taken(username, holder)
+        if holder.connection is None:
+            refusal.extra.update(held=True, retry_after=round(max(0.0, holder.held_until - self.clock()), 3))
+        return refusal
+
+    def join(self, user: CrowdUser, room_name: str) -> None:
+        """A newcomer to a full room takes the seat of the oldest held session in it."""
+        room, capacity = self.rooms.get(room_name), self.limits.room_capacity
+        if (room is not None and capacity and room_name != LOBBY and len(room.members) >= capacity
+                and fold(user.username) not in room.members):
+            squatter = next((held for held in self.held if fold(held.username) in room.members), None)
+            if squatter is not None:
+                self.end_early(squatter, f"its seat in #{room_name} was wanted")
+        super().join(user, room_name)
+
+
+class AddressedChatSocket(LosslessChatSocket):
+    """A ChatSocket that tells the manager which address it comes from."""
+
+    def open(self) -> None:
+        """Note the client's address (the manager counts sessions per address), then log in."""
+        self.address = self.request.remote_ip
+        super().open()
+
+
+# ---- 14.5 Rooms: how many, and what listing them costs --------------------------------
+# Problem: rooms had no limit, per user or in total, and held sessions kept theirs
+# alive: 5,600 held sessions made 50,401 rooms, and one /rooms reply was 1.45 MB for a
+# 7-byte request (130-150 ms of CPU); three users sending /rooms within the rate limit
+# held the server at 98% CPU. GET /status, which needs no login, took up to 395 ms
+# with 40,000 rooms; two clients asking in a loop pushed others' latency to 92 ms. And
+# a user in 20,000 rooms stalled the server 0.4 s leaving them.
+# Change: a user may be in --max-rooms-per-user rooms (IRC's CHANLIMIT; then
+# `too_many_rooms`), the server may have --max-rooms (then `no_more_rooms`). /rooms
+# and /status list the ROOM_LIST_LIMIT biggest rooms, by name, and count the others in
+# `more`; GET /status is computed at most once per STATUS_CACHE_SECONDS.
+# Cost: on a busy server the small rooms go unlisted; /status may be a second old.
+
+ROOM_LIST_LIMIT = 50  # rooms listed by /rooms and GET /status
+STATUS_CACHE_SECONDS = 1.0  # GET /status is computed at most this often
+
+
+class RoomLimitedRoomManager(BoundedSessionsRoomManager):
+    """A RoomManager with a cap on rooms per user and in total, and a bounded room list."""
+
+    status_cache: tuple[float, bytes] | None = None  # (when, GET /status's body)
+
+    def join(self, user: CrowdUser, room_name: str) -> None:
+        """Refuse a room past --max-rooms-per-user, or a new room past --max-rooms."""
+        room = self.rooms.get(room_name)
+        if room is None or fold(user.username) not in room.members:
+            per_user, total = self.limits.max_rooms_per_user, self.limits.max_rooms
+            if per_user and len(user.rooms) >= per_user:
+                raise Refusal("too_many_rooms", f"You are in {len(user.rooms)} rooms, the most one "
+                              "user may be in. /leave one first.")
+            if room is None and total and len(self.rooms) >= total:
+                raise Refusal("no_more_rooms", f"The server has {total} rooms, the most it allows: "
+                              "join one that exists (/rooms lists them).")
+        super().join(user, room_name)
+
+    def rooms_list(self) -> dict:
+        """The ROOM_LIST_LIMIT biggest rooms (ties by name), listed by name; `more` counts the rest."""
+        biggest = heapq.nsmallest(ROOM_LIST_LIMIT, self.rooms.values(),
+                                  key=lambda room: (-len(room.members), room.name))
+        listed = rooms_event(sorted(biggest, key=lambda room: room.name))
+        return {**listed, "more": len(self.rooms) - len(biggest)}
+
+    def status(self) -> dict:
+        """As before, plus how many rooms the list leaves out."""
+        report = super().status()
+        return {**report, "more_rooms": len(self.rooms) - len(report["rooms"])}
+
+    def status_json(self) -> bytes:
+        """GET /status's body: the report as JSON, computed at most once per STATUS_CACHE_SECONDS."""
+        now = self.clock()
+        if self.status_cache is None or now - self.status_cache[0] >= STATUS_CACHE_SECONDS:
+            self.status_cache = (now, json.dumps(self.status()).encode())
+        return self.status_cache[1]
+
+
+class CachedStatusHandler(StatusHandler):
+    """GET /status from the manager's cached report: cheap, however often it is asked for."""
+
+    def get(self) -> None:
+        """Reply with the report as it was at most STATUS_CACHE_SECONDS ago."""
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.write(self.manager.status_json())
+
+
+# ---- 14.6 Floods: every frame counts, and a flooder is shown the door ----------------
+# Problem: only lines took a token. Binary frames, pings and over-long lines were
+# free (4 connections sending them: 93-99% CPU, a real user's median latency 108-194
+# ms), and each refused line still earned a reply (200 lines against a burst of 5:
+# 195 replies). Nor was a room limited as a whole: 200 users at 5 lines a second in
+# one room offer 200,000 deliveries a second, more than one core carries (about
+# 90,000-170,000: tests/bench.py), and a user in another room waited 4.6 s (p90).
+# Change: every frame takes a token: text, binary, ping and pong. The first one
+# refused is answered with `rate_limited`, the next ones are not, and after
+# --rate-burst more the connection is closed with 4029 (`flooding`: IRC's "Excess
+# Flood"). A room may cause --room-budget deliveries a second (a line to N users
+# costs N): in a room of 200, everyone together may send 200 lines a second, and
+# the rest of the server keeps most of the core. Past it: `rate_limited` too.
+# Cost: a room of 1,000 (the lobby can be one) carries 40 lines a second.
+
+
+class FloodLimitedRoomManager(RoomLimitedRoomManager):
+    """A RoomManager that tells a flooder once, then closes it, and gives each room a budget."""
+
+    def __init__(self, limits: Limits = Limits(), wall_clock: Callable[[], float] = time.time,
+                 clock: Callable[[], float] = time.monotonic, call_later=None):
+        """As before, plus a delivery budget per room (a token bucket, keyed by room name)."""
+        super().__init__(limits, wall_clock, clock, call_later)
+        self.room_budgets: dict[str, TokenBucket] = {}
+
+    def spend_token(self, user: CrowdUser) -> bool:
+        """Take a token for one frame; refuse once with `rate_limited`, then silently, then close."""
+        retry_after = user.bucket.take(self.clock())
+        if not retry_after:
+            user.strikes = 0
+            return True
+        user.strikes += 1
+        if user.strikes == 1:
+            self.refuse(user, rate_limited(retry_after))  # told once ...
+        elif user.strikes > 1 + self.limits.rate_burst:  # ... and a burst's worth of patience
+            self.drop_flooder(user)
+        return False
+
+    def drop_flooder(self, user: CrowdUser) -> None:
+        """Close a client that kept sending after `rate_limited`: 4029, and the session ends."""
+        connection = user.connection
+        self.refuse(user, Refusal("flooding", "You kept sending after being told to slow down: "
+                                  "disconnected."))
+        log.warning("dropping %s: flooding", user.username)
+        self.disconnect(user, connection, "flooding")
+        connection.close(CLOSE_FLOODING, "flooding")
+
+    def broadcast(self, room: Room, event: dict, skip: CrowdUser | None = None) -> None:
+        """A message costs its room one delivery per member; a room over its budget is busy."""
+        if event["type"] == "message" and self.limits.room_budget:
+            retry_after = self.room_budget(room).take(self.clock(), cost=len(room.members))
+            if retry_after:
+                raise Refusal("rate_limited", f"#{room.name} is busy: you can send again in "
+                              f"{retry_after:.1f} s.", retry_after=round(retry_after, 3))
+        super().broadcast(room, event, skip)
+
+    def room_budget(self, room: Room) -> TokenBucket:
+        """The room's bucket of deliveries: --room-budget a second, a second's worth at once."""
+        bucket = self.room_budgets.get(room.name)
+        if bucket is None:
+            budget = self.limits.room_budget
+            bucket = self.room_budgets[room.name] = TokenBucket(budget, budget, budget, self.clock())
+        return bucket
+
+    def remove_member(self, user: CrowdUser, room: Room) -> None:
+        """As before; a room that disappears takes its budget along."""
+        super().remove_member(user, room)
+        if room.name not in self.rooms:
+            self.room_budgets.pop(room.name, None)
+
+
+class FloodCountingChatSocket(AddressedChatSocket):
+    """A ChatSocket on which every frame takes a token: binary frames, pings and pongs too."""
+
+    def speaks_for_user(self) -> bool:
+        """Is this the connection of a logged-in user (not refused, replaced or dropped)?"""
+        return self.user is not None and self.user.connection is self
+
+    def on_message(self, message: str | bytes) -> None:
+        """A binary frame takes a token here (a line takes its own in handle_line)."""
+        if isinstance(message, bytes) and self.speaks_for_user() and not self.manager.spend_token(self.user):
+            return
+        super().on_message(message)
+
+    def on_ping(self, data: bytes) -> None:
+        """A ping takes a token (Tornado has answered it already)."""
+        if self.speaks_for_user():
+            self.manager.spend_token(self.user)
+
+    def on_pong(self, data: bytes) -> None:
+        """A pong takes a token (one answer to each of our pings costs a client nothing it notices)."""
+        if self.speaks_for_user():
+            self.manager.spend_token(self.user)
+
+
+# ---- 14.7 Protocol errors: close code 1002, and the session ends ----------------------
+# Problem: Tornado accepted frames a client sent unmasked (RFC 6455 5.1: the server
+# must close), echoed any close code back, 1005, 1006, 1015 and out-of-range ones
+# included (7.4.1: never sent), and on a malformed frame (reserved bits, an unknown
+# opcode, text that is not UTF-8) dropped the socket without a close frame, so the
+# session was held for resume as if the network had failed.
+# Change: section 13's protocol class learns to check the mask bit of every frame
+# and the code of a close frame, and answers each protocol error with close code
+# 1002 (CLOSE_PROTOCOL_ERROR); the session ends at once.
+# Cost: two more overrides of Tornado's private frame reading (Tornado 6).
+
+VALID_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
+
+
+def is_valid_close_code(code: int) -> bool:
+    """May a peer send this close code? RFC 6455 7.4: the ones defined for that, and 3000-4999."""
+    return code in VALID_CLOSE_CODES or 3000 <= code <= 4999
+
+
+def is_valid_close_payload(data: bytes) -> bool:
+    """A close frame's body: empty, or a code a peer may send and a UTF-8 reason."""
+    if not data:
+        return True
+    if len(data) < 2 or not is_valid_close_code(struct.unpack("!H", data[:2])[0]):
+        return False
+    try:
+        data[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class StrictProtocol(GoodbyeNoticingProtocol):
+    """Tornado's WebSocket protocol, closing with 1002 on every protocol error."""
+
+    frame_started = False  # the next bytes read are a new frame's first two
+
+    async def _receive_frame(self) -> None:
+        """Read one frame as Tornado does; _read_bytes checks its header first."""
+        self.frame_started = True
+        await super()._receive_frame()
+
+    async def _read_bytes(self, n: int) -> bytes:
+        """Tornado's read, checking each frame header's mask bit: clients must mask."""
+        data = await super()._read_bytes(n)
+        if self.frame_started:
+            self.frame_started = False
+            if not data[1] & 0x80:
+                self.protocol_error("an unmasked frame")
+        return data
+
+    def _handle_message(self, opcode: int, data: bytes):
+        """A close frame with a code no peer may send is a protocol error, not a goodbye to echo."""
+        if opcode == 0x8 and not is_valid_close_payload(data):
+            self.said_goodbye = True
+            self.protocol_error("an invalid close frame")
+            return None
+        return super()._handle_message(opcode, data)
+
+    def _abort(self) -> None:
+        """Tornado drops a connection here; if it is still open, the client broke the protocol."""
+        if not self.server_terminated and not self.stream.closed():
+            self.protocol_error("a malformed frame")
+        super()._abort()
+
+    def protocol_error(self, what: str) -> None:
+        """Close with 1002 and read no more from this client; its session ends (it is not held)."""
+        if self.server_terminated:
+            return
+        self.handler.server_close_reason = "protocol error"
+        log.info("protocol error from %s: %s", self.handler.request.remote_ip, what)
+        self.close(CLOSE_PROTOCOL_ERROR, f"protocol error: {what}")
+        self.client_terminated = True
+
+
+class StrictChatSocket(FloodCountingChatSocket):
+    """A ChatSocket whose protocol closes with 1002 on any protocol error."""
+
+    def get_websocket_protocol(self):
+        """Section 13's protocol, made strict (the same object, a few methods more)."""
+        protocol = super().get_websocket_protocol()
+        if protocol is not None:
+            protocol.__class__ = StrictProtocol
+        return protocol
+
+
+# ---- 14.8 Text that shows nothing -----------------------------------------------------
+# Problem: a line of only U+3164 (Hangul filler), U+200B (zero-width space) or U+2800
+# (blank Braille) passed the empty check and arrived as a blank message; zero-width
+# and other format characters (text hidden from a filter, invisible "tag" letters)
+# were relayed, and 400 combining marks stacked on one letter drew a tower across
+# everyone's screen.
+# Change: format characters are dropped, except the zero-width joiner that emoji
+# sequences need (variation selectors are marks, and kept); a run of combining marks
+# keeps its first MAX_COMBINING_MARKS; a line with nothing visible left is empty.
+# Cost: flags made of tag characters (England, Scotland) show as a plain black flag.
+
+MAX_COMBINING_MARKS = 4  # Vietnamese stacks 2 on a letter; a keycap emoji has 2
+ZERO_WIDTH_JOINER = "\u200d"  # joins emoji: woman + ZWJ + laptop is one "woman technologist"
+BLANK_CHARACTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")  # letters and symbols that draw nothing
+
+
+def visible_text(text: str) -> str:
+    """The text without format characters or long runs of marks; "" if nothing in it shows."""
+    if text.isascii():
+        return text  # most lines: nothing to drop (Part I's check finds lines of only spaces)
+    kept, marks, shows = [], 0, False
+    for char in text:
+        category = unicodedata.category(char)
+        if category == "Cf" and char != ZERO_WIDTH_JOINER:
+            continue
+        marks = marks + 1 if category in ("Mn", "Me") else 0
+        if marks > MAX_COMBINING_MARKS:
+            continue
+        kept.append(char)
+        blank = char.isspace() or char in BLANK_CHARACTERS or category in ("Cc", "Cf", "Mn", "Me")
+        shows = shows or not blank
+    return "".join(kept) if shows else ""
+
+
+class VisibleTextRoomManager(FloodLimitedRoomManager):
+    """A RoomManager that relays only text that can be seen."""
+
+    def say(self, user: CrowdUser, line: str) -> None:
+        """Drop what cannot be seen, then as before (a line with nothing left is empty)."""
+        super().say(user, visible_text(line))
 
 
 # ---- 15. The crowd server: tuning, and the classes `python chat.py` runs --------------
 
 
-class CrowdRoomManager(ResumableRoomManager):
+class CrowdRoomManager(VisibleTextRoomManager):
     """The room manager of `python chat.py`: Part I plus every upgrade of Part II."""
 
 
-class CrowdChatSocket(ResumableChatSocket):
+class CrowdChatSocket(StrictChatSocket):
     """The WebSocket handler of `python chat.py`: Part I plus every upgrade of Part II."""
 
     # Our attributes live in slots, not in each connection's __dict__. Tornado keeps 27
@@ -1293,12 +2002,13 @@ class CrowdChatSocket(ResumableChatSocket):
     # (tests/bench.py --only idle). An attribute added to a socket class belongs here too.
     __slots__ = ("manager", "user", "server_close_reason", "gone",  # section 6
                  "last_active", "idle_timer",  # section 12
-                 "websocket_protocol", "abrupt")  # section 13
+                 "websocket_protocol", "abrupt",  # section 13
+                 "last_seq", "address")  # section 14
 
 
 def crowd_http_server(app: tornado.web.Application, limits: Limits) -> HTTPServer:
-    """An HTTP server that drops a connection which never finishes its handshake."""
-    return HTTPServer(app, idle_connection_timeout=limits.handshake_timeout or None)
+    """An HTTP server that rations new connections (section 14.1)."""
+    return GuardedHTTPServer(app, limits)
 
 
 def raise_open_file_limit() -> None:
@@ -1332,7 +2042,7 @@ def tune_for_a_crowd() -> None:
 
 LESSONS = {  # what `--lesson=N` runs
     1: ServerParts(RoomManager, ChatSocket, lambda app, limits: HTTPServer(app)),
-    2: ServerParts(CrowdRoomManager, CrowdChatSocket, crowd_http_server),
+    2: ServerParts(CrowdRoomManager, CrowdChatSocket, crowd_http_server, CachedStatusHandler),
 }
 
 

@@ -8,6 +8,7 @@ message reaches the members of its room and nobody else.
 
 import ast
 import inspect
+import re
 import subprocess
 import sys
 import textwrap
@@ -297,3 +298,12 @@ def test_chat_py_can_be_imported_and_reloaded_in_one_process():
     script = "import importlib, chat; importlib.reload(chat); importlib.reload(chat); print(chat.LOBBY)"
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert (result.returncode, result.stdout.strip()) == (0, "lobby"), result.stderr
+
+
+def test_the_page_policy_hashes_the_inline_script_and_style_but_not_tags_named_in_comments():
+    """CSP: exactly the page's own <script> and <style> bodies are allowed; a comment naming a tag is not code."""
+    page = b"<!-- notes about <script>x</script> --><style>p{}</style><script>go()</script>"
+    policy = chat.content_security_policy(page)
+    script_sources = re.search(r"script-src ([^;]+);", policy).group(1).split()
+    assert script_sources == [chat.inline_hashes(b"<script>go()</script>", b"script")]
+    assert "default-src 'none'" in policy and "'unsafe-inline'" not in policy
