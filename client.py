@@ -50,6 +50,7 @@ if sys.version_info < (3, 9):
 import argparse
 import asyncio
 import codecs
+import functools
 import json
 import logging
 import os
@@ -1383,6 +1384,7 @@ WITH_SIDEBAR_COLUMNS = 60
 MIN_COLUMNS, MIN_ROWS = 20, 5
 TIME_COLUMNS = 8  # HH:MM:SS
 MARKS = {"join": "-->", "leave": "<--", "system": "--", "info": "--", "error": "!!"}
+PAINTED_ROWS_KEPT = 1000  # message rows remembered once painted: a few screens' worth
 
 
 @dataclass
@@ -1508,15 +1510,25 @@ def header(term: blessed.Terminal, model: Model, width: int) -> str:
 def message_row(term: blessed.Terminal, model: Model, row: Row, layout: Layout) -> str:
     """One row of the message area: time, name or mark, separator, text."""
     line = row.line
+    if not row.first:  # a wrapped line's later rows: its text only
+        return painted_row(term, line.kind, "", "", row.text, False, layout.names, layout.messages)
     mark = line.username if line.kind == "message" else MARKS.get(line.kind, "--")
+    own = line.kind == "message" and mark.lower() == model.username.lower()
+    return painted_row(term, line.kind, line.time, mark, row.text, own, layout.names, layout.messages)
+
+
+@functools.lru_cache(maxsize=PAINTED_ROWS_KEPT)
+def painted_row(term: blessed.Terminal, kind: str, time: str, mark: str, text: str, own: bool,
+                names: int, width: int) -> str:
+    """A message row painted in its colours, remembered: in a busy room every row moves up each
+    frame, and a row that only moved costs a look-up instead of being painted again."""
     name_style = {"message": username_style(term, mark), "join": term.green, "leave": term.red,
-                  "error": term.bold_red}.get(line.kind, term.cyan)
-    if line.kind == "message" and mark.lower() == model.username.lower():
+                  "error": term.bold_red}.get(kind, term.cyan)
+    if own:
         name_style = in_bold(term, name_style)
-    text_style = {"error": term.red, "system": term.cyan, "info": term.cyan}.get(line.kind, str)
-    return paint([(dim(term), f"{line.time if row.first else '':{TIME_COLUMNS}} "),
-                  (name_style, fit_right(mark if row.first else "", layout.names)),
-                  (dim(term), " │ "), (text_style, row.text)], layout.messages)
+    text_style = {"error": term.red, "system": term.cyan, "info": term.cyan}.get(kind, str)
+    return paint([(dim(term), f"{time:{TIME_COLUMNS}} "), (name_style, fit_right(mark, names)),
+                  (dim(term), " │ "), (text_style, text)], width)
 
 
 def message_area(term: blessed.Terminal, model: Model, layout: Layout) -> tuple[list[str], int]:
