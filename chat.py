@@ -1532,21 +1532,25 @@ class LosslessRoomManager(ResumableRoomManager):
         super().broadcast(room, event, skip)
 
     def deliver(self, user: CrowdUser, outbound: Outbound) -> None:
-        """Keep every message for replay, and send it now if the user is online."""
-        if outbound.event["type"] == "message" and not outbound.event.get("replayed"):
-            self.remember(user, outbound)
+        """Keep every message for replay (the newest REPLAY_LIMIT_MESSAGES), and send it if online."""
+        event = outbound.event
+        if event["type"] == "message" and "replayed" not in event:
+            history = user.history
+            if history is None:
+                history = user.history = deque(maxlen=REPLAY_LIMIT_MESSAGES)
+            elif len(history) == REPLAY_LIMIT_MESSAGES:
+                self.forget(user, history[0])
+            history.append(outbound)
         if user.connection is not None:
             user.connection.send(outbound)
 
-    def remember(self, user: CrowdUser, outbound: Outbound) -> None:
-        """Keep the newest REPLAY_LIMIT_MESSAGES; note the seq of the one that falls out."""
-        if user.history is None:
-            user.history, user.forgotten = deque(maxlen=REPLAY_LIMIT_MESSAGES), array("q")
-        if len(user.history) == REPLAY_LIMIT_MESSAGES:
-            user.forgotten.append(user.history[0].event["seq"])
-            if len(user.forgotten) > 2 * LOST_COUNT_LIMIT:
-                del user.forgotten[:LOST_COUNT_LIMIT]
-        user.history.append(outbound)
+    def forget(self, user: CrowdUser, outbound: Outbound) -> None:
+        """A message falls out of the user's history: keep its seq, to count it in `lost`."""
+        if user.forgotten is None:
+            user.forgotten = array("q")
+        user.forgotten.append(outbound.event["seq"])
+        if len(user.forgotten) > 2 * LOST_COUNT_LIMIT:
+            del user.forgotten[:LOST_COUNT_LIMIT]  # the oldest half: `lost` counts up to the limit
 
     def disconnect(self, user: CrowdUser, connection: Connection, reason: str, hold: bool = False) -> None:
         """As before; a held session remembers the last seq, where its replay starts."""
