@@ -117,7 +117,7 @@ HANDSHAKE_TARGET_RATIO = 0.8  # at least
 # chat.py with every limit that would throttle a benchmark switched off. The
 # announce limit keeps its default: rooms over 100 get no join/leave notices.
 CHAT_FLAGS = ["--rate-per-second=0", "--max-connections=0", "--room-capacity=0", "--idle-timeout=0",
-              "--ping-interval=0", "--resume-grace=0"]
+              "--ping-interval=0", "--resume-grace=0", "--room-budget=0"]
 SERVERS = ("chat.py", "baseline")
 WORKLOADS = ("fanout", "latency", "idle")
 
