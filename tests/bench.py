@@ -1,4 +1,11 @@
-"""Capacity benchmark: chat.py against a plain-Tornado broadcast server, on loopback.
+"""Capacity benchmark: backpressure in three steps, on loopback.
+
+Three servers, three ways to send one event to every member of a room:
+  tornado  plain Tornado: write_message() to every handler, nothing bounded
+  part1    chat.py --lesson=1 (Part I): write_message(), and a client whose
+           unsent output passes --max-backlog is dropped
+  part2    chat.py (Part II): the frame built once per event, the same bytes
+           written to every member's socket, within the same bound
 
 Run it:      python tests/bench.py            (the full run: about 2-2.5 minutes on 2 cores)
              python tests/bench.py --quick    (small sizes: a smoke run in seconds)
@@ -12,17 +19,22 @@ What it measures
     messages of it) and we count deliveries per second at the receivers.
  2. Latency under a paced load: C clients each send R messages per second to one
     room for S seconds. Every message carries its send time in its text; a sample
-    of receivers reads it back. We report p50/p99/max and whether every delivery
-    arrived (each client expects every message, its own echo included).
+    of receivers reads it back. We report p50/p99/max, whether every delivery
+    arrived (each client expects every message, its own echo included), how
+    many clients the server dropped, and the server's peak memory (VmHWM): a
+    server that cannot keep up queues the difference somewhere.
  3. Idle connections: C clients connect and stay quiet. We report handshakes per
     second, the server's memory per connection (RSS after minus RSS before,
     divided by C) and check GET /status (chat.py: all C in `lobby`).
-Each workload runs on chat.py and on a minimal Tornado server defined below
-(every message re-broadcast with write_message to every handler;
-`--baseline-server` runs it), each run on a fresh server process. Our figures
-are printed as ratios to the baseline's, so they compare across machines.
+Each workload runs on each server, each run on a fresh server process. The
+plain Tornado server is defined below (`--baseline-server` runs it): every
+message re-broadcast with write_message to every handler. chat.py runs with
+every limit that would throttle the load switched off. Part I and Part II are
+printed as ratios to plain Tornado's figures, so they compare across machines.
 Fan-out and idle run twice per server, alternating, and the better run counts:
-on a shared machine, noise only ever slows a run down.
+on a shared machine, noise only ever slows a run down. Part I tells the whole
+lobby about every arrival (Part II's section 10 stops that), so C idle users
+cost it C*C/2 notices: its idle run stops at 1,000 users (PART1_IDLE_LIMIT).
 
 Why it is built this way
 ------------------------
@@ -108,7 +120,7 @@ QUICK = {"fanout_sizes": (50, 200), "fanout_warmup_seconds": 0.3, "fanout_second
          "paced_seconds": 2.0, "paced_drain_seconds": 2.0, "sample_every": 4, "idle_connections": 500,
          "repeats": 1, "quick": True}
 
-# The issue's targets, as ratios to the baseline (or absolute where it says so).
+# Part II's targets, as ratios to plain Tornado (or absolute where it says so).
 FANOUT_TARGET_RATIO, FANOUT_STRETCH_RATIO = 2.3, 3.5
 P99_TARGET_MS = 50.0
 MEMORY_TARGET_RATIO = 1.2  # at most, per connection
@@ -118,7 +130,25 @@ HANDSHAKE_TARGET_RATIO = 0.8  # at least
 # announce limit keeps its default: rooms over 100 get no join/leave notices.
 CHAT_FLAGS = ["--rate-per-second=0", "--max-connections=0", "--room-capacity=0", "--idle-timeout=0",
               "--ping-interval=0", "--resume-grace=0", "--room-budget=0"]
-SERVERS = ("chat.py", "baseline")
+
+
+@dataclass(frozen=True)
+class ServerKind:
+    """One of the three servers: its name (--servers), its column, how it sends."""
+
+    name: str
+    column: str
+    send_path: str
+    chat_flags: tuple = ()  # for chat.py; () for the plain Tornado server
+
+
+SERVER_KINDS = (  # the three steps, in the order a class meets them
+    ServerKind("tornado", "Tornado", "write_message to every handler, unbounded"),
+    ServerKind("part1", "Part I", "write_message, bounded by --max-backlog", ("--lesson=1", *CHAT_FLAGS)),
+    ServerKind("part2", "Part II", "one frame, the same bytes to every socket", tuple(CHAT_FLAGS)),
+)
+KINDS = {kind.name: kind for kind in SERVER_KINDS}
+PART1_IDLE_LIMIT = 1000  # 1,000 arrivals: 500,000 join notices, about 25 s of server CPU
 WORKLOADS = ("fanout", "latency", "idle")
 
 
@@ -139,20 +169,31 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, help="fan-out and idle runs per server, best kept (default 2)")
     parser.add_argument("--workers", type=int, help="load worker processes (default: load CPUs, at least 2)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin the server and the load to CPUs")
-    parser.add_argument("--no-baseline", action="store_true", help="skip the baseline server (no ratios)")
+    parser.add_argument("--servers", default=",".join(KINDS),
+                        help="comma-separated servers to run: tornado, part1, part2 (default: all; "
+                        "ratios need tornado)")
     parser.add_argument("--chat-py", type=Path, default=CHAT_PY,
-                        help="the server to measure (default: chat.py beside tests/; or a patched copy)")
+                        help="the chat server of part1 and part2 (default: chat.py beside tests/; "
+                        "or a patched copy)")
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     parser.add_argument("--keep-logs", action="store_true", help="keep the servers' log files")
     parser.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.only = [name.strip() for name in args.only.split(",") if name.strip()]
-    unknown = set(args.only) - set(WORKLOADS)
-    if unknown:
-        parser.error(f"--only: unknown workload(s) {', '.join(sorted(unknown))}; "
-                     f"choose from {', '.join(WORKLOADS)}")
+    args.only = comma_list(parser, "--only", args.only, WORKLOADS)
+    chosen = comma_list(parser, "--servers", args.servers, KINDS)
+    args.servers = [kind for kind in SERVER_KINDS if kind.name in chosen]  # always in step order
     return args
+
+
+def comma_list(parser: argparse.ArgumentParser, flag: str, value: str, choices) -> list[str]:
+    """The names in a comma-separated flag value; an unknown name stops with a usage error."""
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = set(names) - set(choices)
+    if unknown:
+        parser.error(f"{flag}: unknown name(s) {', '.join(sorted(unknown))}; "
+                     f"choose from {', '.join(choices)}")
+    return names
 
 
 def settings_from_args(args: argparse.Namespace, load_cpus: int) -> Settings:
@@ -322,13 +363,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime: fields 14 and 15
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident memory of a process, from VmRSS in /proc/PID/status."""
+def rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """Resident memory of a process from /proc/PID/status: now (VmRSS) or at its peak (VmHWM)."""
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
-    raise BenchError(f"no VmRSS for process {pid}")
+    raise BenchError(f"no {field} for process {pid}")
 
 
 def raise_open_file_limit(needed: int) -> int:
@@ -373,14 +414,15 @@ def get_status(port: int) -> dict:
 class ServerProcess:
     """One server under test, in its own process, its output going to a log file."""
 
-    def __init__(self, kind: str, cpus: set | None, log_dir: Path, chat_py: Path = CHAT_PY):
-        self.kind, self.port = kind, free_port()
-        if kind == "chat.py":
-            command = [sys.executable, str(chat_py), f"--port={self.port}", f"--address={HOST}", *CHAT_FLAGS]
+    def __init__(self, kind: ServerKind, cpus: set | None, log_dir: Path, chat_py: Path = CHAT_PY):
+        self.kind, self.port = kind.name, free_port()
+        if kind.chat_flags:
+            command = [sys.executable, str(chat_py), f"--port={self.port}", f"--address={HOST}",
+                       *kind.chat_flags]
         else:
             command = [sys.executable, str(Path(__file__).resolve()), "--baseline-server",
                        f"--port={self.port}"]
-        self.log_path = log_dir / f"{kind}-{self.port}.log"
+        self.log_path = log_dir / f"{kind.name}-{self.port}.log"
         # The log goes to a file, never a pipe: a full pipe would stall the server.
         with open(self.log_path, "wb") as log_file:
             self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file,
@@ -858,19 +900,22 @@ def run_latency(settings: Settings, server: ServerProcess, cpus: set | None) -> 
         pool.start(0.2)
         reports = pool.collect("done", run_seconds + 30)
         usage = meter.usage()
+        peak = rss_bytes(server.pid, "VmHWM")  # a fresh server process: its peak is this run's
     delivered = sum(report["delivered"] for report in reports)
     expected = sum(report["expected"] for report in reports)
     latencies = sorted(latency for report in reports for latency in report["latencies"])
     figures = {"delivered": delivered, "expected": expected, "samples": len(latencies),
                "p50": percentile(latencies, 0.5) * 1000, "p99": percentile(latencies, 0.99) * 1000,
-               "max": percentile(latencies, 1.0) * 1000}
+               "max": percentile(latencies, 1.0) * 1000, "peak_memory": peak}
     result = Result(figures, usage)
     lost = sum(report["lost"] for report in reports)
     failures = sum(report["send_failures"] for report in reports)
+    figures["dropped"] = lost
     if lost or failures:
         result.problems.append(f"{lost} connections closed by the server, {failures} sends failed")
     print(f"delivered {delivered:,}/{expected:,}; latency p50 {figures['p50']:.1f} ms, "
-          f"p99 {figures['p99']:.1f} ms, max {figures['max']:.1f} ms ({len(latencies):,} samples; "
+          f"p99 {figures['p99']:.1f} ms, max {figures['max']:.1f} ms, server peak memory "
+          f"{peak / 2**20:,.0f} MB ({len(latencies):,} samples; "
           f"{usage.describe()})"
           + "".join(f"; {p}" for p in result.problems), flush=True)
     return result
@@ -885,7 +930,8 @@ def percentile(ordered: list[float], fraction: float) -> float:
 
 def run_idle(settings: Settings, server: ServerProcess, cpus: set | None) -> Result:
     """C quiet clients: handshakes per second, memory per connection, and /status agrees."""
-    count = settings.idle_connections
+    count = min(settings.idle_connections, PART1_IDLE_LIMIT) if server.kind == "part1" else \
+        settings.idle_connections
     for index in range(20):  # warm-up: the first connections load code the rest reuse
         open_client(server.port, f"warm{index}").close()
     time.sleep(0.3)
@@ -902,7 +948,8 @@ def run_idle(settings: Settings, server: ServerProcess, cpus: set | None) -> Res
         rss_after = rss_bytes(server.pid)
         status = get_status(server.port)
     in_lobby = next((room["users"] for room in status.get("rooms", []) if room["name"] == "lobby"), None)
-    figures = {"handshakes": count / elapsed, "handshakes_per_cpu": count / max(usage.server_cpu, 1e-9),
+    figures = {"count": count, "handshakes": count / elapsed,
+               "handshakes_per_cpu": count / max(usage.server_cpu, 1e-9),
                "memory": (rss_after - rss_before) / count,
                "connections": status["connections"], "in_lobby": in_lobby}
     result = Result(figures, replace(usage, wall=elapsed))
@@ -917,9 +964,11 @@ def run_idle(settings: Settings, server: ServerProcess, cpus: set | None) -> Res
 
 
 def ratio(ours: Result | None, theirs: Result | None, name: str) -> float:
-    """ours / theirs for one figure; nan without both."""
+    """ours / theirs for one figure; nan without both, or when they ran at different sizes."""
     if not ours or not theirs or not theirs.figures[name]:
         return math.nan
+    if ours.figures.get("count") != theirs.figures.get("count"):
+        return math.nan  # Part I's capped idle run
     return ours.figures[name] / theirs.figures[name]
 
 
@@ -932,95 +981,126 @@ def shown(result: Result | None, name: str, spec: str, scale: int = 1) -> str:
 
 
 class Report:
-    """The results table (chat.py, baseline, ratio) and the list of targets."""
+    """The results table (a column per server, then ratios to plain Tornado) and the targets."""
 
-    def __init__(self) -> None:
+    def __init__(self, results: dict[str, dict[str, Result]], kinds: list[ServerKind]):
+        self.results, self.kinds = results, kinds
+        # Ratios are to plain Tornado, so they need it in the run.
+        self.compared = [kind for kind in kinds if kind.name != "tornado"] if "tornado" in results else []
         self.targets: list[tuple[bool, str]] = []
 
-    def row(self, label: str, ours: str, theirs: str, times: float = math.nan) -> None:
-        """One table line."""
-        times_text = "" if math.isnan(times) else f"{times:.2f}x"
-        print(f"  {label:44}{ours:>16}{theirs:>16}{times_text:>9}")
+    def get(self, kind: str, key: str) -> Result | None:
+        """The best run of one workload on one server, if it ran."""
+        return self.results.get(kind, {}).get(key)
 
-    def figure(self, label: str, ours: Result | None, theirs: Result | None, name: str, spec: str) -> float:
-        """A table line for one figure of both servers, with the ratio; returns the ratio."""
-        times = ratio(ours, theirs, name)
-        self.row(label, shown(ours, name, spec), shown(theirs, name, spec), times)
-        return times
+    def header(self) -> None:
+        """The column headings."""
+        self.row("", [kind.column for kind in self.kinds], [f"{kind.column}/T" for kind in self.compared])
+
+    def row(self, label: str, cells: list[str], ratios: list = ()) -> None:
+        """One table line: a cell per server, then the ratios."""
+        times = [ratio if isinstance(ratio, str) else "" if math.isnan(ratio) else f"{ratio:.2f}x"
+                 for ratio in ratios]
+        print(f"  {label:42}" + "".join(f"{cell:>15}" for cell in cells) + "".join(f"{t:>11}" for t in times))
+
+    def figure(self, label: str, key: str, name: str, spec: str, scale: int = 1) -> dict[str, float]:
+        """A table line for one figure on every server, with ratios; returns the ratios by server."""
+        baseline = self.get("tornado", key)
+        ratios = {kind.name: ratio(self.get(kind.name, key), baseline, name) for kind in self.compared}
+        self.row(label, [shown(self.get(kind.name, key), name, spec, scale) for kind in self.kinds],
+                 list(ratios.values()))
+        return ratios
+
+    def plain(self, label: str, key: str, cell: Callable[[Result], str]) -> None:
+        """A table line without ratios (figures where one server may be overloaded and another not)."""
+        results = [self.get(kind.name, key) for kind in self.kinds]
+        self.row(label, [cell(result) if result else "-" for result in results])
 
     def target(self, ok: bool, text: str) -> None:
         """Remember a target and whether it was met."""
         self.targets.append((ok, text))
 
 
-def report_fanout(report: Report, receivers: int, ours: Result | None, theirs: Result | None) -> None:
-    """Fan-out rows, and the 2.3x target."""
-    times = report.figure(f"fan-out N={receivers}: deliveries/s", ours, theirs, "rate", ",.0f")
-    per_cpu = report.figure("  per server CPU-second", ours, theirs, "rate_per_cpu", ",.0f")
+def report_fanout(report: Report, receivers: int) -> None:
+    """Fan-out rows, and Part II's target against plain Tornado."""
+    key = f"fanout{receivers}"
+    times = report.figure(f"fan-out N={receivers}: deliveries/s", key, "rate", ",.0f").get("part2", math.nan)
+    per_cpu = report.figure("  per server CPU-second", key, "rate_per_cpu", ",.0f").get("part2", math.nan)
     if not math.isnan(times):
         stretch = f"; stretch {FANOUT_STRETCH_RATIO}x met too" if times >= FANOUT_STRETCH_RATIO else ""
-        report.target(times >= FANOUT_TARGET_RATIO, f"fan-out N={receivers}: {times:.2f}x baseline >= "
+        report.target(times >= FANOUT_TARGET_RATIO, f"fan-out N={receivers}: Part II {times:.2f}x Tornado >= "
                       f"{FANOUT_TARGET_RATIO}x (per server CPU-second: {per_cpu:.2f}x){stretch}")
 
 
-def report_latency(report: Report, settings: Settings, ours: Result | None, theirs: Result | None) -> None:
-    """Paced-load rows, and the everything-delivered, p99 target."""
-    def delivered(result: Result | None) -> str:
-        return f"{result.figures['delivered']:,}/{result.figures['expected']:,}" if result else "-"
-
-    label = f"paced {settings.paced_clients} x {settings.paced_rate:g} msg/s: delivered"
-    report.row(label, delivered(ours), delivered(theirs))
-    for name in ("p50", "p99", "max"):  # no ratio: one server may be overloaded, the other not
-        report.row(f"  latency {name}, ms", shown(ours, name, ",.1f"), shown(theirs, name, ",.1f"))
+def report_latency(report: Report, settings: Settings) -> None:
+    """Paced-load rows, and Part II's everything-delivered, p99 target."""
+    report.plain(f"paced {settings.paced_clients} x {settings.paced_rate:g} msg/s: delivered", "latency",
+                 lambda result: f"{result.figures['delivered']:,}/{result.figures['expected']:,}")
+    report.plain("  clients dropped by the server", "latency",
+                 lambda result: f"{result.figures['dropped']:,}")
+    for name in ("p50", "p99", "max"):
+        report.plain(f"  latency {name}, ms", "latency", lambda result: f"{result.figures[name]:,.1f}")
+    report.plain("  server memory at its peak, MB", "latency",
+                 lambda result: f"{result.figures['peak_memory'] / 2**20:,.0f}")
+    ours = report.get("part2", "latency")
     if ours:
         figures = ours.figures
         everything = figures["delivered"] == figures["expected"] and not ours.problems
         report.target(everything and figures["p99"] < P99_TARGET_MS,
-                      f"paced load: delivered {figures['delivered']:,} of {figures['expected']:,}, "
+                      f"paced load: Part II delivered {figures['delivered']:,} of {figures['expected']:,}, "
                       f"p99 {figures['p99']:.1f} ms < {P99_TARGET_MS:g} ms")
 
 
-def report_idle(report: Report, count: int, ours: Result | None, theirs: Result | None) -> None:
-    """Idle-connection rows, and the memory, handshake and lobby targets."""
-    handshakes = report.figure(f"idle C={count:,}: handshakes/s", ours, theirs, "handshakes", ",.0f")
-    report.figure("  per server CPU-second", ours, theirs, "handshakes_per_cpu", ",.0f")
-    memory = ratio(ours, theirs, "memory")
-    report.row("  memory per connection, KB", shown(ours, "memory", ".1f", 1024),
-               shown(theirs, "memory", ".1f", 1024), memory)
-    report.row("  in lobby / connected (GET /status)", shown(ours, "in_lobby", ","),
-               shown(theirs, "connections", ","))
+def report_idle(report: Report, count: int) -> None:
+    """Idle-connection rows, and Part II's memory, handshake and lobby targets."""
+    report.plain("idle: connections C", "idle", lambda result: f"{result.figures['count']:,}")
+    handshakes = report.figure("  handshakes/s", "idle", "handshakes", ",.0f").get("part2", math.nan)
+    report.figure("  per server CPU-second", "idle", "handshakes_per_cpu", ",.0f")
+    memory = report.figure("  memory per connection, KB", "idle", "memory", ".1f", 1024)
+    memory = memory.get("part2", math.nan)
+    report.plain("  in lobby (GET /status)", "idle",
+                 lambda result: "-" if result.figures["in_lobby"] is None else
+                 f"{result.figures['in_lobby']:,}")
     if not math.isnan(memory):
         report.target(memory <= MEMORY_TARGET_RATIO,
-                      f"idle: memory per connection {memory:.2f}x baseline <= {MEMORY_TARGET_RATIO}x")
+                      f"idle: Part II memory per connection {memory:.2f}x Tornado <= {MEMORY_TARGET_RATIO}x")
         report.target(handshakes >= HANDSHAKE_TARGET_RATIO,
-                      f"idle: handshakes/s {handshakes:.2f}x baseline >= {HANDSHAKE_TARGET_RATIO}x")
-    if ours:
-        in_lobby = ours.figures["in_lobby"] or 0
-        report.target(in_lobby == count == ours.figures["connections"],
-                      f"idle: {in_lobby:,} of {count:,} in lobby")
+                      f"idle: Part II handshakes/s {handshakes:.2f}x Tornado >= {HANDSHAKE_TARGET_RATIO}x")
+    for kind in ("part1", "part2"):
+        result = report.get(kind, "idle")
+        if result:
+            in_lobby, expected = result.figures["in_lobby"] or 0, result.figures["count"]
+            report.target(in_lobby == expected == result.figures["connections"],
+                          f"idle: {KINDS[kind].column}: {in_lobby:,} of {expected:,} in lobby")
 
 
-def print_report(settings: Settings, results: dict, only: list[str], noisy: list[str]) -> list[bool]:
+def print_report(settings: Settings, results: dict, kinds: list[ServerKind], only: list[str],
+                 noisy: list[str]) -> list[bool]:
     """Print the results table and the targets; returns one bool per target checked."""
-    ours, theirs = results.get("chat.py", {}), results.get("baseline", {})
-    report = Report()
+    report = Report(results, kinds)
     best = f" (fan-out, idle: best of {settings.repeats} runs)" if settings.repeats > 1 else ""
-    print(f"\n== Results: chat.py vs the plain-Tornado write_message baseline =={best}")
-    report.row("", "chat.py", "baseline")
+    print(f"\n== Results: backpressure in three steps =={best}")
+    for kind in kinds:
+        print(f"  {kind.column:8} {kind.send_path}")
+    print()
+    report.header()
     if "fanout" in only:
         for receivers in settings.fanout_sizes:
-            key = f"fanout{receivers}"
-            report_fanout(report, receivers, ours.get(key), theirs.get(key))
+            report_fanout(report, receivers)
     if "latency" in only:
-        report_latency(report, settings, ours.get("latency"), theirs.get("latency"))
+        report_latency(report, settings)
     if "idle" in only:
-        report_idle(report, settings.idle_connections, ours.get("idle"), theirs.get("idle"))
+        report_idle(report, settings.idle_connections)
+        if report.get("part1", "idle") and settings.idle_connections > PART1_IDLE_LIMIT:
+            count = settings.idle_connections
+            print(f"  (Part I's idle run stops at {PART1_IDLE_LIMIT:,}: it tells the lobby about every "
+                  f"arrival, {count * count // 2:,} notices for {count:,})")
     quick = " (quick run: sizes below the targets': indicative only)" if settings.quick else ""
-    print(f"\n== Targets =={quick}")
+    print(f"\n== Targets: Part II against plain Tornado =={quick}")
     for ok, text in report.targets:
         print(f"  [{'MET' if ok else 'MISSED'}] {text}")
     if not report.targets:
-        print("  (none checked: the baseline or a workload was skipped)")
+        print("  (none checked: a server or a workload was skipped)")
     if noisy:
         print(f"  note: other processes used the CPUs during {len(noisy)} of the runs ({', '.join(noisy)}): "
               "those figures are noisy; per-CPU-second figures are steadier")
@@ -1056,22 +1136,31 @@ def plan_jobs(settings: Settings, only: list[str], load_cpus: set | None) -> lis
     return jobs
 
 
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages: how busy the machine was (Unix)."""
+    return " ".join(f"{load:.2f}" for load in os.getloadavg())
+
+
 def print_setup(settings: Settings, args: argparse.Namespace, server_cpus: set | None,
                 load_cpus: set | None) -> None:
     """The header: machine, pinning, the servers' command lines, the load's shape."""
-    print(f"chat.py benchmark on {HOST}: Python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
+    print(f"chat.py benchmark on {HOST}: Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+          f"load average {load_average()}, {time.strftime('%Y-%m-%d %H:%M')}")
     if server_cpus:
         print(f"pinned: servers on CPU {','.join(map(str, sorted(server_cpus)))}, load (workers + sender) "
               f"on CPU {','.join(map(str, sorted(load_cpus)))}")
     else:
         print("not pinned: servers and load share the CPUs (the CPU figures still tell them apart)")
-    print(f"chat.py: {args.chat_py} {' '.join(CHAT_FLAGS)}; baseline: tests/bench.py --baseline-server")
+    for kind in args.servers:
+        command = f"{args.chat_py.name} {' '.join(kind.chat_flags)}" if kind.chat_flags else \
+            "tests/bench.py --baseline-server"
+        print(f"{kind.name:8} {command}")
     print(f"load: {settings.workers} worker processes counting message tokens in raw bytes; "
           f"latency from every {settings.sample_every}th client")
 
 
 def run_all(args: argparse.Namespace) -> int:
-    """Run the chosen workloads on both servers, print progress, the table and the targets."""
+    """Run the chosen workloads on every chosen server, print progress, the table and the targets."""
     server_cpus, load_cpus = plan_cpus(args.no_pin)
     settings = settings_from_args(args, len(load_cpus or ()) or 1)
     if load_cpus:
@@ -1081,17 +1170,16 @@ def run_all(args: argparse.Namespace) -> int:
         settings = replace(settings, idle_connections=limit - 100)
         print(f"note: open-file limit {limit}: idle connections lowered to {settings.idle_connections}")
     print_setup(settings, args, server_cpus, load_cpus)
-    servers = SERVERS[:1] if args.no_baseline else SERVERS
     log_dir = Path(tempfile.mkdtemp(prefix="chat-bench-"))
-    results: dict = {kind: {} for kind in servers}  # the best run of each job, per server
+    results: dict = {kind.name: {} for kind in args.servers}  # the best run of each job, per server
     noisy: list[str] = []
     failed = False
     began = time.monotonic()
     for job in plan_jobs(settings, args.only, load_cpus):
         for attempt in range(job.repeats):
-            for kind in servers:  # alternating, each run on a fresh server process
+            for kind in args.servers:  # alternating, each run on a fresh server process
                 run = f" {attempt + 1}/{job.repeats}" if job.repeats > 1 else ""
-                progress(f"{job.label:40} {kind:8}{run:4}")
+                progress(f"{job.label:40} {kind.name:8}{run:4}")
                 try:
                     with ServerProcess(kind, server_cpus, log_dir, args.chat_py) as server:
                         result = job.run(server)
@@ -1099,13 +1187,13 @@ def run_all(args: argparse.Namespace) -> int:
                     print(f"FAILED: {error}", flush=True)
                     failed = True
                     continue
-                best = results[kind].get(job.key)
+                best = results[kind.name].get(job.key)
                 if best is None or (job.best_by and result.figures[job.best_by] > best.figures[job.best_by]):
-                    results[kind][job.key] = result
+                    results[kind.name][job.key] = result
                 if result.usage and result.usage.other_cpu / result.usage.wall >= BUSY_ELSEWHERE:
-                    noisy.append(f"{kind} {job.key}{run}")
-    met = print_report(settings, results, args.only, noisy)
-    print(f"\ntotal time {time.monotonic() - began:.0f} s")
+                    noisy.append(f"{kind.name} {job.key}{run}")
+    met = print_report(settings, results, args.servers, args.only, noisy)
+    print(f"\ntotal time {time.monotonic() - began:.0f} s; load average {load_average()}")
     if failed or args.keep_logs:
         print(f"server logs kept in {log_dir}")
     else:
