@@ -28,6 +28,8 @@ runs; every load goes to 127.0.0.1 only, is bounded in count and time, and stops
 by itself.
 """
 
+from __future__ import annotations  # `float | None` in annotations on Python 3.9
+
 import argparse
 import asyncio
 import base64
