@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -263,3 +264,59 @@ def held_refusal(retry_after: float) -> dict:
     """The refusal of a name whose session the server holds for resume, as chat.py words it."""
     return {"type": "error", "code": "username_taken", "held": True, "retry_after": retry_after,
             "text": "The username 'carol' is taken: someone with that name is reconnecting. Pick another."}
+
+
+class Proxy:
+    """A TCP relay between a client and the server that a test can make lose data, as a failing link does.
+
+    While `losing` is set, whatever the server sends is thrown away (the server
+    believes it delivered it); `cut()` then ends every relayed connection without
+    a WebSocket close frame, as a dead Wi-Fi link ends up doing. New connections
+    are relayed faithfully again.
+    """
+
+    def __init__(self, server_port: int):
+        """Listen on a free port of our own, relaying to server_port."""
+        self.server_port = server_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.losing = threading.Event()
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        """Relay each new connection in two threads, one per direction."""
+        while True:
+            try:
+                client_side, _ = self.listener.accept()
+            except OSError:
+                return  # the proxy was closed
+            server_side = socket.create_connection(("127.0.0.1", self.server_port))
+            self.losing.clear()
+            self.sockets += [client_side, server_side]
+            threading.Thread(target=self._pump, args=(client_side, server_side, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server_side, client_side, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket, from_server: bool) -> None:
+        """Copy bytes one way until either side closes; from the server, drop them while losing."""
+        try:
+            while data := source.recv(65536):
+                if not (from_server and self.losing.is_set()):
+                    target.sendall(data)
+        except OSError:
+            pass  # cut() closed the sockets under us
+
+    def cut(self) -> None:
+        """End every relayed connection at once, with no close frame either way."""
+        sockets, self.sockets = self.sockets, []
+        for each in sockets:
+            try:
+                each.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            each.close()
+
+    def close(self) -> None:
+        """Stop relaying."""
+        self.cut()
+        self.listener.close()

@@ -17,8 +17,8 @@ import urllib.request
 
 import pytest
 from conftest import ROOT, free_port
-from screen import (CAROL_EVENTS, HOSTILE_EVENTS, WAIT_SECONDS, Screen, ScriptedServer, client_env, held_refusal,
-                    wait_for)
+from screen import (CAROL_EVENTS, HOSTILE_EVENTS, WAIT_SECONDS, Proxy, Screen, ScriptedServer, client_env,
+                    held_refusal, wait_for)
 
 import client
 
@@ -168,6 +168,47 @@ def test_a_relaunch_while_your_old_session_is_held_waits_for_the_name_and_gets_i
     assert result.returncode == 0 and re.search(rf"{TIME} #lobby <carol> hello", result.stdout)
     assert len(result.stderr.splitlines()) == 1 and "probably yours" in result.stderr
     assert len(scripted.logins) == 2
+
+
+def status(port: int) -> dict:
+    """The server's GET /status."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=WAIT_SECONDS) as response:
+        return json.load(response)
+
+
+def test_a_relaunch_right_after_a_crash_waits_for_the_name_the_server_holds(chat_process):
+    """carol's client is killed; started again within the resume grace, it waits for her name and gets in."""
+    _, port = chat_process("--resume-grace=2")
+    crashed = Listener("carol", port)
+    crashed.proc.kill()  # no goodbye: the server holds the session for resume
+    crashed.proc.wait()
+    wait_for(lambda: status(port)["sessions_held"] == 1)
+    result = run_client("carol", f"--port={port}", stdin="hello again\n")
+    assert result.returncode == 0 and re.search(rf"{TIME} #lobby <carol> hello again", result.stdout)
+    assert "probably yours" in result.stderr
+
+
+def test_messages_lost_on_a_dying_link_are_replayed_after_the_reconnect(chat_process):
+    """The link drops messages before it dies: the client resumes from the last message it saw and gets them."""
+    _, port = chat_process()
+    link = Proxy(port)
+    carol, bob = Listener("carol", link.port), Listener("bob", port)
+    try:
+        bob.say("one")
+        carol.wait_for_line(rf"^{TIME} #lobby <bob> one$")
+        link.losing.set()  # from here the server's frames to carol vanish on the way
+        bob.say("two")
+        bob.say("three")
+        bob.wait_for_line(rf"^{TIME} #lobby <bob> three$")
+        link.cut()
+        carol.wait_for_line(r"^\* Reconnected: your session is back \(2 missed messages follow\)\.$")
+        carol.wait_for_line(rf"^{TIME} #lobby <bob> three$")
+        assert [line.split("> ")[-1] for line in carol.output if "<bob>" in line] == ["one", "two", "three"]
+    finally:
+        for listener in (carol, bob):
+            listener.proc.kill()
+            listener.proc.wait()
+        link.close()
 
 
 def test_a_name_held_for_longer_than_the_client_waits_is_refused_at_once():

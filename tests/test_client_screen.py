@@ -243,6 +243,21 @@ def test_a_relaunch_while_your_old_session_is_held_waits_for_the_name_and_gets_i
         server.stop()
 
 
+def test_a_relaunch_right_after_a_crash_waits_for_the_name_the_server_holds(screens, chat_process):
+    """carol's client is killed; started again within the resume grace it says the name is probably
+    held for her, waits for it, and opens the chat."""
+    _, port = chat_process("--resume-grace=2")
+    crashed = screens("carol", port)
+    os.kill(crashed.proc.pid, signal.SIGKILL)  # no goodbye: the server holds the session for resume
+    wait_for(lambda: sessions_held(port) == 1, timeout=10)
+    carol = Screen("carol", f"--port={port}", rows=ROWS, cols=COLS)
+    try:
+        wait_for(lambda: b"probably yours" in carol.raw, what=lambda: carol.raw.decode(errors="replace"))
+        wait_for(lambda: carol.header().rstrip().endswith("connected"), timeout=10, what=lambda: carol.text())
+    finally:
+        carol.close()
+
+
 def terminal_is_restored(screen: Screen) -> bool:
     """Alternate screen left, cursor shown again, echo and line editing back on."""
     modes = screen.terminal_modes()[3]
