@@ -571,10 +571,12 @@ def on_left(model: Model, event: dict) -> list[Line]:
 
 
 def on_rooms(model: Model, event: dict) -> list[Line]:
-    """rooms: the reply to /rooms, every room with its number of users."""
+    """rooms: the reply to /rooms, the rooms with their numbers of users (the biggest, if there are many)."""
     names = [(clean(room.get("name")), clean(room.get("users"))) for room in records(event.get("rooms"))]
     model.known_rooms = {name for name, _ in names}
-    return [note(model, "Rooms: " + ", ".join(f"#{name} ({users})" for name, users in names))]
+    more = whole_number(event.get("more"))
+    rest = f" and {more} more" if more else ""
+    return [note(model, "Rooms: " + ", ".join(f"#{name} ({users})" for name, users in names) + rest)]
 
 
 def on_users(model: Model, event: dict) -> list[Line]:

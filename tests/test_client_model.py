@@ -321,6 +321,12 @@ def test_command_replies_are_shown_as_info_lines(event):
     assert lines and all(line.kind == "info" for line in lines) and model.rooms["lobby"].lines[-1] == lines[-1]
 
 
+def test_a_rooms_reply_that_lists_only_the_biggest_rooms_says_how_many_more_there_are():
+    """A server with many rooms lists the biggest and counts the rest in `more`."""
+    lines = apply_event(logged_in(), {"type": "rooms", "rooms": [{"name": "lobby", "users": 3}], "more": 12})
+    assert lines[0].text == "Rooms: #lobby (3) and 12 more"
+
+
 @pytest.mark.parametrize("event", [{"type": "brand_new"}, {"no": "type"}, {"type": "message", "text": 5}])
 def test_unknown_or_odd_events_do_no_harm(event):
     """An event type the client does not know, or odd field types, never crash it."""
