@@ -507,7 +507,7 @@ def on_message(model: Model, event: dict) -> list[Line]:
 
 
 def already_shown(model: Model, line: Line, seq: int) -> bool:
-    """Whether a replayed message had arrived before: its seq says so (or, without one, the same line is there)."""
+    """Whether a replayed message had arrived before: by its seq (without one: the same line is there)."""
     if seq:
         return seq <= model.last_seq
     return line in ensure_room(model, line.room or model.room).lines
@@ -598,7 +598,8 @@ def on_help(model: Model, event: dict) -> list[Line]:
 
 def on_error(model: Model, event: dict) -> list[Line]:
     """error: the server refused something; say what, visibly (its sentence: the code is for programs)."""
-    text = clean(event.get("text")) or f"The server refused that ({clean(event.get('code')) or 'no reason given'})."
+    code = clean(event.get("code")) or "no reason given"
+    text = clean(event.get("text")) or f"The server refused that ({code})."
     return [note(model, text, kind="error")]
 
 
@@ -959,7 +960,8 @@ class Connection:
             event = parse_event(frame)
             if event.get("type") == "error":
                 refused.code, refused.text = clean(event.get("code")), clean(event.get("text"))
-                refused.held, refused.retry_after = event.get("held") is True, seconds(event.get("retry_after"))
+                refused.held = event.get("held") is True  # our own name, held for resume?
+                refused.retry_after = seconds(event.get("retry_after"))
             elif event.get("type") == "welcome":
                 self.receive(frame)
                 return None
@@ -1432,7 +1434,7 @@ class Row:
 
 
 def room_rows(room: Room, width: int, wanted: int) -> list[Row]:
-    """The wrapped rows of a room's newest lines above the view's bottom: at least `wanted`, if there are so many.
+    """The wrapped rows of a room's newest lines (above the view): at least `wanted`, if there are so many.
 
     Lines that arrived below a scrolled-up view are left out, so the view stays put.
     """
@@ -1604,7 +1606,7 @@ def length_counter(model: Model) -> str:
 
 
 def input_row(term: blessed.Terminal, model: Model, width: int) -> tuple[str, int]:
-    """The bottom row: a prompt with the current room, the line being typed and its cursor; and the cursor's column."""
+    """The bottom row (prompt with the room, the line being typed, its cursor); the cursor's column."""
     prompt = f"#{model.room} › "
     counter = length_counter(model)
     counter_style = term.bold_red if len(model.input.text) > model.limit_chars else term.yellow

@@ -8,7 +8,7 @@ Not a test:  pytest does not collect it (the name does not match test_*.py). Lin
 
 What it measures
 ----------------
-chat.py runs with its rate limit off. One `python client.py viewer` runs in a
+chat.py runs with its rate limit (and room budget) off. One `python client.py viewer` runs in a
 120x40 pseudo-terminal (ptyprocess), and everything it writes is fed to a
 terminal emulator (pyte), so "on screen" means what a person would see. Ten
 senders (raw WebSocket in a process of their own, reading and discarding what
@@ -77,8 +77,9 @@ def free_port() -> int:
 
 
 def start_server(port: int) -> subprocess.Popen:
-    """chat.py with its rate limit off, listening on port (returns once it accepts connections)."""
-    server = subprocess.Popen([sys.executable, str(ROOT / "chat.py"), f"--port={port}", "--rate-per-second=0"],
+    """chat.py with its rate limit and room budget off, on port (returns once it accepts connections)."""
+    flags = [f"--port={port}", "--rate-per-second=0", "--room-budget=0"]
+    server = subprocess.Popen([sys.executable, str(ROOT / "chat.py"), *flags],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -111,7 +112,10 @@ def handshake(port: int, username: str) -> bytes:
 def text_frame(text: str) -> bytes:
     """A masked client text frame (payloads under 64 KiB)."""
     payload, mask = text.encode(), os.urandom(4)
-    size = bytes([0x80 | len(payload)]) if len(payload) < 126 else bytes([0x80 | 126]) + len(payload).to_bytes(2, "big")
+    if len(payload) < 126:
+        size = bytes([0x80 | len(payload)])
+    else:
+        size = bytes([0x80 | 126]) + len(payload).to_bytes(2, "big")
     return b"\x81" + size + mask + bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
 
 
@@ -168,11 +172,12 @@ class Viewer:
     @classmethod
     def start(cls, port: int, plain: bool) -> "Viewer":
         """Start `python client.py viewer` in a ROWS x COLUMNS terminal, and its reader thread."""
-        env = {**{k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "COLUMNS", "LINES")}, **CLIENT_ENV}
-        args = [sys.executable, str(ROOT / "client.py"), "viewer", f"--port={port}"] + (["--plain"] if plain else [])
-        proc = PtyProcess.spawn(args, cwd=str(ROOT), env=env, dimensions=(ROWS, COLUMNS))
+        env = {key: value for key, value in os.environ.items() if key not in ("NO_COLOR", "COLUMNS", "LINES")}
+        args = [sys.executable, str(ROOT / "client.py"), "viewer", f"--port={port}"]
+        proc = PtyProcess.spawn(args + (["--plain"] if plain else []), cwd=str(ROOT),
+                                env={**env, **CLIENT_ENV}, dimensions=(ROWS, COLUMNS))
         viewer = cls(proc, pyte.Screen(COLUMNS, ROWS))
-        viewer.screen.write_process_input = lambda data: proc.write(data.encode())  # blessed's start-up queries
+        viewer.screen.write_process_input = lambda data: proc.write(data.encode())  # answers blessed
         threading.Thread(target=viewer.read, daemon=True).start()
         return viewer
 
@@ -266,7 +271,8 @@ def measure(rate: float, seconds: float, plain: bool) -> Result:
         lines = int(rate * seconds)
         with viewer.lock:
             viewer.awaited, written_before = marker(lines - 1), viewer.written
-        cpu_before, server_before, started = cpu_seconds(viewer.proc.pid), cpu_seconds(server.pid), time.monotonic()
+        cpu_before, server_before = cpu_seconds(viewer.proc.pid), cpu_seconds(server.pid)
+        started = time.monotonic()
         go.set()
         ended = type_keys_until(viewer, report, typing=not plain)
         deadline = time.monotonic() + WAIT_SECONDS
@@ -320,14 +326,17 @@ def print_result(result: Result, seconds: float, plain: bool) -> None:
     """Print one run's figures, with the targets that apply to its rate."""
     targets = TARGETS.get(round(result.rate), {})
     mode = "plain line mode" if plain else "split view"
-    keys = sorted(result.key_delays)
-    print(f"{result.rate:g} lines/s for {seconds:g} s ({result.lines} lines) into #lobby from {SENDERS} senders; "
-          f"client.py {mode}, {COLUMNS}x{ROWS}")
+    lag = verdict(result.on_screen_after, targets.get("latency"))
+    cpu = verdict(result.cpu_percent, targets.get("cpu"))
+    size = verdict(result.bytes_per_line, targets.get("bytes"))
+    print(f"{result.rate:g} lines/s for {seconds:g} s ({result.lines} lines) into #lobby from {SENDERS} "
+          f"senders; client.py {mode}, {COLUMNS}x{ROWS}")
     print(f"  last line on screen  {result.on_screen_after:6.2f} s after the flood ended "
-          f"(its bytes at the terminal: {result.in_bytes_after:.2f} s) {verdict(result.on_screen_after, targets.get('latency'))}")
-    print(f"  client CPU           {result.cpu_percent:6.1f} % of one core {verdict(result.cpu_percent, targets.get('cpu'))}")
-    print(f"  written to terminal  {result.bytes_per_line:6.0f} bytes per line ({result.written / 1e6:.2f} MB) "
-          f"{verdict(result.bytes_per_line, targets.get('bytes'))}")
+          f"(its bytes at the terminal: {result.in_bytes_after:.2f} s) {lag}")
+    print(f"  client CPU           {result.cpu_percent:6.1f} % of one core {cpu}")
+    print(f"  written to terminal  {result.bytes_per_line:6.0f} bytes per line "
+          f"({result.written / 1e6:.2f} MB) {size}")
+    keys = sorted(result.key_delays)
     if keys:
         print(f"  a typed key shows in {1000 * keys[len(keys) // 2]:6.0f} ms (median of {len(keys)}), "
               f"{1000 * keys[-1]:.0f} ms at most")
@@ -336,12 +345,13 @@ def print_result(result: Result, seconds: float, plain: bool) -> None:
 
 def main() -> None:
     """Run the floods the command line asks for and print their figures."""
-    parser = argparse.ArgumentParser(prog="python tests/bench_client.py", description=__doc__.split("What it")[0],
+    parser = argparse.ArgumentParser(prog="python tests/bench_client.py",
+                                     description=__doc__.split("What it")[0],  # the docstring's top
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rate", type=float, action="append",
                         help="lines per second into the room (repeatable; default: 300, then 10)")
     parser.add_argument("--seconds", type=float, default=10.0, help="how long each flood lasts (default: 10)")
-    parser.add_argument("--plain", action="store_true", help="measure plain line mode instead of the split view")
+    parser.add_argument("--plain", action="store_true", help="plain line mode instead of the split view")
     args = parser.parse_args()
     for rate in args.rate or [300.0, 10.0]:
         print_result(measure(rate, args.seconds, args.plain), args.seconds, args.plain)

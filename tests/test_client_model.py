@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import io
+import json
 import re
 import time
 
@@ -184,7 +185,8 @@ def test_joining_a_new_room_adds_it_and_notes_who_else_is_there():
 def test_the_joined_line_names_the_others_never_the_reader(users, user_count, sentence):
     """carol alone in a room is told nobody else is there, not that she is there with carol."""
     model = logged_in()
-    lines = apply_event(model, {"type": "joined", "room": "general", "users": users, "user_count": user_count})
+    joined = {"type": "joined", "room": "general", "users": users, "user_count": user_count}
+    lines = apply_event(model, joined)
     assert lines[0].text == sentence
 
 
@@ -261,7 +263,8 @@ def test_a_new_session_forgets_the_seq_of_the_old_one():
     """After a fresh login (say the server restarted), the old seq means nothing; a resume keeps it."""
     model = logged_in()
     apply_event(model, message("lobby", "hi", seq=40))
-    apply_event(model, {"type": "welcome", "username": "carol", "rooms": ["lobby"], "token": "t2", "resumed": True})
+    apply_event(model, {"type": "welcome", "username": "carol", "rooms": ["lobby"], "token": "t2",
+                        "resumed": True})
     assert model.last_seq == 40
     apply_event(model, {"type": "welcome", "username": "carol", "rooms": ["lobby"], "token": "t3"})
     assert model.last_seq == 0
@@ -270,8 +273,9 @@ def test_a_new_session_forgets_the_seq_of_the_old_one():
 @pytest.mark.parametrize("extra, sentences", [
     ({"missed": 2}, ["Reconnected: your session is back (2 missed messages follow)."]),
     ({"missed": 1, "lost": 0}, ["Reconnected: your session is back (1 missed message follows)."]),
-    ({"missed": 100, "lost": 3}, ["Reconnected: your session is back (100 missed messages follow).",
-                                  "3 earlier messages could not be replayed: the server no longer had them."]),
+    ({"missed": 100, "lost": 3},
+     ["Reconnected: your session is back (100 missed messages follow).",
+      "3 earlier messages could not be replayed: the server no longer had them."]),
     ({"missed": 0, "lost": 1}, ["Reconnected: your session is back.",
                                 "1 earlier message could not be replayed: the server no longer had it."]),
 ])
@@ -288,7 +292,8 @@ def test_a_resume_says_how_many_messages_follow_and_how_many_were_lost(extra, se
 def test_the_length_limit_is_read_under_its_name_or_its_old_one(limits):
     """welcome.limits.max_message_length (older servers: max_message_chars) sets the n/limit counter."""
     model = Model("ws://x/ws", "carol")
-    apply_event(model, {"type": "welcome", "username": "carol", "rooms": ["lobby"], "token": "t", "limits": limits})
+    apply_event(model, {"type": "welcome", "username": "carol", "rooms": ["lobby"], "token": "t",
+                        "limits": limits})
     assert model.limit_chars == 140
 
 
@@ -526,10 +531,11 @@ def test_a_resume_says_the_last_message_seen(token, last_seq, query):
 
 def test_every_welcome_brings_the_token_for_the_next_resume():
     """Tokens work once: the token from the latest welcome is the one kept."""
-    model = Model("ws://x/ws", "carol")
-    connection = client.Connection(client.Settings("carol", "ws://x/ws", True), model, lambda lines: None, False)
+    connection = client.Connection(client.Settings("carol", "ws://x/ws", True), Model("ws://x/ws", "carol"),
+                                   lambda lines: None, False)
     for token in ("first", "second"):
-        connection.receive(f'{{"type": "welcome", "username": "carol", "rooms": ["lobby"], "token": "{token}"}}')
+        welcome = {"type": "welcome", "username": "carol", "rooms": ["lobby"], "token": token}
+        connection.receive(json.dumps(welcome))
     assert connection.token == "second"
 
 
@@ -539,14 +545,16 @@ def test_every_welcome_brings_the_token_for_the_next_resume():
     (4029, "you kept sending after the server asked you to slow down"),
 ])
 def test_the_newer_close_codes_are_a_sentence_and_no_reconnect_loop(close_code, sentence):
-    """Flooding, a full address and a protocol error are explained and leave the client offline until Enter."""
+    """Flooding, a full address and a protocol error are explained; the client stays offline until Enter."""
     assert client.describe_close(close_code) == sentence
     assert client.should_reconnect(close_code, after_shutdown=True) is False
 
 
-@pytest.mark.parametrize("held, retry_after, wait", [(True, 12.5, 13.0), (True, 0.0, 1.0), (False, 12.5, 0.0)])
+@pytest.mark.parametrize("held, retry_after, wait", [
+    (True, 12.5, 13.0), (True, 0.0, 1.0), (False, 12.5, 0.0),
+])
 def test_a_held_name_is_tried_again_just_after_the_server_frees_it(held, retry_after, wait):
-    """username_taken with held: true and retry_after: wait that long (and a little); any other refusal: no wait."""
+    """username_taken with held and retry_after: wait that long (and a little); other refusals: no wait."""
     refused = client.Refused("username_taken", "taken", 4002, held=held, retry_after=retry_after)
     assert client.held_wait(refused) == wait
 
@@ -643,7 +651,8 @@ def test_a_scrolled_up_view_stays_put_while_new_lines_arrive_below():
     after, _ = client.visible_rows(room, layout)
     assert [row.text for row in after] == [row.text for row in before] and room.new_below == 3
     term = blessed.Terminal(kind="xterm-256color", stream=io.StringIO(), force_styling=True)
-    assert "scrolled up: 3 new messages below · PgDn goes back down" in client.status_bar(term, model, layout, 15)
+    marker = client.status_bar(term, model, layout, 15)
+    assert "scrolled up: 3 new messages below · PgDn goes back down" in marker
 
 
 def test_scrolling_down_past_the_new_lines_follows_the_newest_again():
@@ -661,7 +670,7 @@ def test_scrolling_down_past_the_new_lines_follows_the_newest_again():
 
 
 def test_a_frame_after_a_new_message_writes_only_the_rows_that_changed():
-    """One new line in a quiet room rewrites the message rows it moved, never the header, sidebar or status bar."""
+    """One new line rewrites the message rows it moved, never the header, the sidebar or the status bar."""
     term = blessed.Terminal(kind="xterm-256color", stream=io.StringIO(), force_styling=True)
     model = logged_in()
     layout = client.Layout(100, 24)

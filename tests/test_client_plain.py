@@ -159,7 +159,7 @@ def test_a_taken_username_is_one_clear_sentence_and_a_failure(bob, server):
 
 
 def test_a_relaunch_while_your_old_session_is_held_waits_for_the_name_and_gets_in():
-    """The name is held for carol's crashed session: one line says it is probably hers; the client waits and logs in."""
+    """carol's name is held for her crashed session: one line says it is probably hers; she gets in."""
     scripted = ScriptedServer(CAROL_EVENTS, refusals=[held_refusal(retry_after=1.0)])
     try:
         result = run_client("carol", f"--port={scripted.port}", stdin="hello\n")
@@ -189,7 +189,7 @@ def test_a_relaunch_right_after_a_crash_waits_for_the_name_the_server_holds(chat
 
 
 def test_messages_lost_on_a_dying_link_are_replayed_after_the_reconnect(chat_process):
-    """The link drops messages before it dies: the client resumes from the last message it saw and gets them."""
+    """A link that drops messages and dies: the client resumes from the last message it saw and gets them."""
     _, port = chat_process()
     link = Proxy(port)
     carol, bob = Listener("carol", link.port), Listener("bob", port)
@@ -212,8 +212,9 @@ def test_messages_lost_on_a_dying_link_are_replayed_after_the_reconnect(chat_pro
 
 
 def test_a_name_held_for_longer_than_the_client_waits_is_refused_at_once():
-    """A retry_after beyond what the client waits for is refused with the server's sentence, without waiting."""
-    scripted = ScriptedServer(CAROL_EVENTS, refusals=[held_refusal(retry_after=client.HELD_WAIT_LIMIT_SECONDS)])
+    """A retry_after beyond what the client waits for: the server's sentence at once, no wait."""
+    too_long = held_refusal(retry_after=client.HELD_WAIT_LIMIT_SECONDS)
+    scripted = ScriptedServer(CAROL_EVENTS, refusals=[too_long])
     try:
         result = run_client("carol", f"--port={scripted.port}")
     finally:

@@ -22,7 +22,8 @@ import client
 termios = pytest.importorskip("termios", reason=NO_PTY)  # every test here runs the client in a pseudo-terminal
 
 ROWS, COLS = 24, 100
-PAGE_UP, PAGE_DOWN, UP, DOWN, TAB, CTRL_C, CTRL_Z = "\x1b[5~", "\x1b[6~", "\x1b[A", "\x1b[B", "\t", "\x03", "\x1a"
+PAGE_UP, PAGE_DOWN, UP, DOWN = "\x1b[5~", "\x1b[6~", "\x1b[A", "\x1b[B"
+TAB, CTRL_C, CTRL_Z = "\t", "\x03", "\x1a"
 
 
 @pytest.fixture
@@ -191,7 +192,7 @@ def test_page_up_scrolls_back_through_the_room(carol_and_bob):
 
 
 def test_scrolled_up_the_view_stays_still_and_says_how_many_new_messages_wait_below(carol_and_bob):
-    """While carol reads back with PgUp, bob's new lines do not move her view; a marker counts them; PgDn shows them."""
+    """carol reads back with PgUp: bob's new lines leave her view still, a marker counts them."""
     carol, bob = carol_and_bob
     for number in range(40):
         bob.send(f"line {number}")
@@ -204,7 +205,8 @@ def test_scrolled_up_the_view_stays_still_and_says_how_many_new_messages_wait_be
     carol.wait_for_text("scrolled up: 2 new messages below · PgDn goes back down")
     assert carol.lines()[1:-2] == view
     carol.type(PAGE_DOWN + PAGE_DOWN)
-    wait_for(lambda: carol.shows("bob │ fresh two") and not carol.shows("scrolled up"), what=lambda: carol.text())
+    wait_for(lambda: carol.shows("bob │ fresh two") and not carol.shows("scrolled up"),
+             what=lambda: carol.text())
 
 
 def input_text(screen: Screen) -> str:
