@@ -19,7 +19,9 @@ Server events, keystrokes, timers and signals are callbacks on that loop, and ea
 finishes before the next starts, so the model needs no locks. (Plain mode reads
 stdin in a helper thread that only schedules work onto the loop.) The model is
 what the screen shows: rooms with their scrollback and unread counts, users, the
-input line. Drawing is a function of the model, so a resize is just a redraw.
+input line. Drawing is a function of the model, so a resize is just a redraw;
+events only change the model, and the split view draws at most 20 frames a
+second, writing only what changed, so a busy room cannot outrun the terminal.
 Every string from the server is cleaned of control characters before it is
 stored, so nothing the server sends can drive your terminal.
 
