@@ -7,9 +7,9 @@ Three servers, three ways to send one event to every member of a room:
   part2    chat.py (Part II): the frame built once per event, the same bytes
            written to every member's socket, within the same bound
 
-Run it:      python tests/bench.py            (the full run: about 2-2.5 minutes on 2 cores)
-             python tests/bench.py --quick    (small sizes: a smoke run in seconds)
-             python tests/bench.py --only idle --connections 2000
+Run it:      python tests/bench.py            (the full run: about 5 minutes on 2 cores)
+             python tests/bench.py --quick    (small sizes: a smoke run in about 30 seconds)
+             python tests/bench.py --only idle --connections 2000 --servers tornado,part2
 Not a test:  pytest does not collect it (the name does not match test_*.py).
 
 What it measures
@@ -1001,7 +1001,7 @@ class Report:
         """One table line: a cell per server, then the ratios."""
         times = [ratio if isinstance(ratio, str) else "" if math.isnan(ratio) else f"{ratio:.2f}x"
                  for ratio in ratios]
-        print(f"  {label:42}" + "".join(f"{cell:>15}" for cell in cells) + "".join(f"{t:>11}" for t in times))
+        print(f"  {label:42}" + "".join(f"{cell:>17}" for cell in cells) + "".join(f"{t:>11}" for t in times))
 
     def figure(self, label: str, key: str, name: str, spec: str, scale: int = 1) -> dict[str, float]:
         """A table line for one figure on every server, with ratios; returns the ratios by server."""
