@@ -1773,13 +1773,15 @@ class CachedStatusHandler(StatusHandler):
 # ms), and each refused line still earned a reply (200 lines against a burst of 5:
 # 195 replies). Nor was a room limited as a whole: 200 users at 5 lines a second in
 # one room offer 200,000 deliveries a second, more than one core carries (about
-# 90,000-170,000: tests/bench.py), and a user in another room waited 4.6 s (p90).
+# 90,000-170,000: tests/bench.py), and a user in another room waited 4.6 s (p90;
+# tests/attack.py measures it: 5.6 s).
 # Change: every frame takes a token: text, binary, ping and pong. The first one
 # refused is answered with `rate_limited`, the next ones are not, and after
 # --rate-burst more the connection is closed with 4029 (`flooding`: IRC's "Excess
 # Flood"). A room may cause --room-budget deliveries a second (a line to N users
-# costs N): in a room of 200, everyone together may send 200 lines a second, and
-# the rest of the server keeps most of the core. Past it: `rate_limited` too.
+# costs N): in a room of 200, everyone together may send 200 lines a second, which
+# takes about a third of the core; another room's p90 was then 8-210 ms (on a busy
+# 2-core machine).
 # Cost: a room of 1,000 (the lobby can be one) carries 40 lines a second.
 
 
@@ -1824,11 +1826,12 @@ class FloodLimitedRoomManager(RoomLimitedRoomManager):
         super().broadcast(room, event, skip)
 
     def room_budget(self, room: Room) -> TokenBucket:
-        """The room's bucket of deliveries: --room-budget a second, a second's worth at once."""
+        """The room's bucket of deliveries: --room-budget a second, a tenth of that at once."""
         bucket = self.room_budgets.get(room.name)
         if bucket is None:
-            budget = self.limits.room_budget
-            bucket = self.room_budgets[room.name] = TokenBucket(budget, budget, budget, self.clock())
+            # A second's worth at once held other rooms up to 1.7 s (tests/attack.py); a tenth, 0.4 s.
+            rate = self.limits.room_budget
+            bucket = self.room_budgets[room.name] = TokenBucket(rate, rate / 10, rate / 10, self.clock())
         return bucket
 
     def remove_member(self, user: CrowdUser, room: Room) -> None:
