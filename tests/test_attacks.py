@@ -46,15 +46,10 @@ SIOCOUTQ = 0x5411  # Linux: bytes in a socket's send queue (sent but not yet ack
 # ---- helpers: a server per test, clients from any loopback address, raw peers ----------------
 
 
-def make_limits(**fields) -> chat.Limits:
-    """The limits of one attack: the defaults, with these fields changed."""
-    return chat.Limits(**fields)
-
-
 @contextlib.asynccontextmanager
 async def running_server(**fields):
     """Start the full server (`python chat.py`) on a free port with these limits; stop it after."""
-    server, manager, port = chat.serve(make_limits(**fields), 0, "127.0.0.1")
+    server, manager, port = chat.serve(chat.Limits(**fields), 0, "127.0.0.1")
     try:
         yield ChatServer(port, manager)
     finally:
