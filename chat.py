@@ -44,7 +44,10 @@ Part II: holding a crowd
 11. Rate limit          a token bucket per user
 12. Keepalive and idle timeout   pings find dead peers; silent users free their seat
 13. Resume              a dropped user keeps name, rooms and missed messages
-14. Hardening           what one person with a script must not be able to take
+14. Hardening           what one person with a script must not be able to take:
+    14.1 the doors (descriptors, handshakes, addresses)  14.2 kernel buffers
+    14.3 resume that loses nothing  14.4 held sessions  14.5 rooms  14.6 floods
+    14.7 protocol errors  14.8 text that shows nothing
 15. The crowd server    tuning, and the classes `python chat.py` runs
 """
 
