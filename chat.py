@@ -669,11 +669,14 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         if self.ws_connection is None or self.ws_connection.is_closing():
             return  # closed meanwhile: the member is gone, not an error
         try:
-            self.write_message(outbound.text).add_done_callback(forget_unsent)
+            write = self.write_message(outbound.text)
         except StreamBufferFullError:
             self.drop_slow_consumer()
         except tornado.websocket.WebSocketClosedError:
             pass  # on_close is on its way
+        else:
+            if self.ws_connection.stream.writing():  # still queued: a close may cut it short
+                write.add_done_callback(forget_unsent)
 
     def drop_slow_consumer(self) -> None:
         """This client stopped reading: close it rather than queue output forever."""

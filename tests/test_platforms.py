@@ -418,7 +418,9 @@ def python39(request) -> str:
     if not found:
         pytest.skip("no Python 3.9 on this machine (python3.9 on the PATH, or `pyenv install 3.9`)")
     requirements = (ROOT / "requirements.txt").read_bytes()
-    venv = request.config.cache.mkdir(f"python3.9-{hashlib.sha256(requirements).hexdigest()[:12]}")
+    name = f"python3.9-{hashlib.sha256(requirements).hexdigest()[:12]}"
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider: make it afresh
+    venv = cache.mkdir(name) if cache else request.getfixturevalue("tmp_path_factory").mktemp(name)
     ready = venv / "ready"
     if not ready.exists():
         made = subprocess.run([found[0], "-m", "venv", "--clear", str(venv)], capture_output=True, text=True,
