@@ -163,16 +163,16 @@ USER_LIST_LIMIT = 200  # names sent in one `joined` or `users` event
 
 # WebSocket close codes. 1000-1015 are RFC 6455's; 4000-4999 are ours to define.
 CLOSE_GOING_AWAY = 1001  # the server is shutting down
+CLOSE_PROTOCOL_ERROR = 1002  # Part II: a frame that breaks RFC 6455 (section 14.7)
 CLOSE_TOO_BIG = 1009  # a frame over max_frame_bytes (sent by Tornado itself)
 CLOSE_BAD_USERNAME = 4001
 CLOSE_USERNAME_TAKEN = 4002
 CLOSE_SERVER_FULL = 4003
-CLOSE_BAD_TOKEN = 4004  # Part II: resume
-CLOSE_IDLE = 4008  # Part II: idle timeout
-CLOSE_SLOW_CONSUMER = 4009
-CLOSE_REPLACED = 4010  # Part II: the same session resumed on a newer connection
-CLOSE_PROTOCOL_ERROR = 1002  # Part II: a frame that breaks RFC 6455 (section 14.7)
+CLOSE_BAD_TOKEN = 4004  # Part II: resume (section 13)
 CLOSE_ADDRESS_FULL = 4005  # Part II: too many connections from one address (14.4)
+CLOSE_IDLE = 4008  # Part II: idle timeout (section 12)
+CLOSE_SLOW_CONSUMER = 4009
+CLOSE_REPLACED = 4010  # Part II: the same session resumed on a newer connection (13)
 CLOSE_FLOODING = 4029  # Part II: kept sending after `rate_limited` (14.6)
 
 
@@ -854,6 +854,8 @@ def lan_addresses() -> list[str]:
 
 async def run(limits: Limits, port: int, address: str, lesson: int) -> None:
     """Serve until Ctrl-C or SIGTERM, then shut down gracefully."""
+    stop = asyncio.Event()
+    stop_on_signals(stop)  # before listening: a stop that comes early is still a graceful one
     try:
         server, manager, port = serve(limits, port, address, lesson)
     except OSError as error:
@@ -864,8 +866,6 @@ async def run(limits: Limits, port: int, address: str, lesson: int) -> None:
         host = url.split("//")[1].split(":")[0]
         log.info("  open %s  or run: python client.py NAME --host %s --port %d", url, host, port)
     log.info("  status: %sstatus", urls[0])
-    stop = asyncio.Event()
-    stop_on_signals(stop)
     await stop.wait()
     await shutdown(server, manager)
 

@@ -1271,7 +1271,8 @@ class SignalWatch:
             self.undo.append(lambda: self.loop.remove_signal_handler(number))
         except NotImplementedError:
             previous = signal.signal(number, lambda *_: self.hand_over(callback))
-            self.undo.append(lambda: signal.signal(number, previous if previous is not None else signal.SIG_DFL))
+            restore = previous if previous is not None else signal.SIG_DFL
+            self.undo.append(lambda: signal.signal(number, restore))
         return True
 
     def hand_over(self, callback: Callable[[], None]) -> None:

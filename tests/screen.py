@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -62,6 +63,46 @@ def client_env(**extra: str) -> dict:
     """The environment a client runs in: a UTF-8 xterm, UTC, no NO_COLOR."""
     env = {key: value for key, value in os.environ.items() if key not in ("NO_COLOR", "COLUMNS", "LINES")}
     return {**env, **CLIENT_ENV, **extra}
+
+
+class PlainClient:
+    """client.py in plain line mode with its stdin open: it prints what arrives until told to stop."""
+
+    def __init__(self, username: str, port: int, env: dict | None = None, python: str = sys.executable,
+                 flags: tuple[str, ...] = (), **popen_options):
+        """Start the client and wait until it is in the lobby."""
+        self.proc = subprocess.Popen([python, str(ROOT / "client.py"), username, f"--port={port}", *flags],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=env or client_env(), cwd=ROOT, **popen_options)
+        self.output: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        self.wait_for_line(r"^\* Now in #lobby")
+
+    def _read(self) -> None:
+        """Background thread: collect stdout lines."""
+        for line in self.proc.stdout:
+            self.output.append(line.rstrip("\n"))
+
+    def wait_for_line(self, pattern: str) -> str:
+        """Wait until a printed line matches the regular expression; return it."""
+        def match() -> str | None:
+            """The first matching line so far, if any."""
+            return next((line for line in list(self.output) if re.search(pattern, line)), None)
+        return wait_for(match, timeout=WAIT_SECONDS * 2, what=lambda: f"a line like {pattern!r} in {self.output}")
+
+    def say(self, line: str) -> None:
+        """Type one line."""
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def end_input(self) -> int:
+        """Close stdin, as Ctrl-D would; return the exit code."""
+        self.proc.stdin.close()
+        return self.exit_code()
+
+    def exit_code(self) -> int:
+        """Wait for the client to exit; its exit code."""
+        return self.proc.wait(timeout=WAIT_SECONDS * 2)
 
 
 def start_server(port: int, *flags: str) -> subprocess.Popen:

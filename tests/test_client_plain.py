@@ -11,13 +11,12 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 
 import pytest
 from conftest import ROOT, free_port
-from screen import (CAROL_EVENTS, HOSTILE_EVENTS, WAIT_SECONDS, Proxy, Screen, ScriptedServer, client_env,
+from screen import (CAROL_EVENTS, HOSTILE_EVENTS, WAIT_SECONDS, PlainClient, Proxy, Screen, ScriptedServer, client_env,
                     held_refusal, wait_for)
 
 import client
@@ -37,41 +36,6 @@ def online_users(port: int) -> list[str]:
         return json.load(response)["users"]
 
 
-class Listener:
-    """A plain-mode client whose stdin stays open: it reads what arrives until told to stop."""
-
-    def __init__(self, username: str, port: int):
-        """Start the client and wait until it is in the lobby."""
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "client.py"), username, f"--port={port}"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=client_env(), cwd=ROOT)
-        self.output: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        self.wait_for_line(r"^\* Now in #lobby")
-
-    def _read(self) -> None:
-        """Background thread: collect stdout lines."""
-        for line in self.proc.stdout:
-            self.output.append(line.rstrip("\n"))
-
-    def wait_for_line(self, pattern: str) -> str:
-        """Wait until a printed line matches the regular expression; return it."""
-        def match() -> str | None:
-            """The first matching line so far, if any."""
-            return next((line for line in list(self.output) if re.search(pattern, line)), None)
-        return wait_for(match, what=lambda: f"a line like {pattern!r} in {self.output}")
-
-    def say(self, line: str) -> None:
-        """Type one line."""
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def end_input(self) -> int:
-        """Close stdin, as Ctrl-D would; return the exit code."""
-        self.proc.stdin.close()
-        return self.proc.wait(timeout=WAIT_SECONDS * 2)
-
-
 @pytest.fixture
 def server(chat_process) -> int:
     """A chat server in its own process; its port."""
@@ -81,7 +45,7 @@ def server(chat_process) -> int:
 @pytest.fixture
 def bob(server):
     """bob, connected in plain mode and listening in the lobby."""
-    listener = Listener("bob", server)
+    listener = PlainClient("bob", server)
     yield listener
     if listener.proc.poll() is None:
         listener.proc.kill()
@@ -179,7 +143,7 @@ def status(port: int) -> dict:
 def test_a_relaunch_right_after_a_crash_waits_for_the_name_the_server_holds(chat_process):
     """carol's client is killed; started again within the resume grace, it waits for her name and gets in."""
     _, port = chat_process("--resume-grace=2")
-    crashed = Listener("carol", port)
+    crashed = PlainClient("carol", port)
     crashed.proc.kill()  # no goodbye: the server holds the session for resume
     crashed.proc.wait()
     wait_for(lambda: status(port)["sessions_held"] == 1)
@@ -192,7 +156,7 @@ def test_messages_lost_on_a_dying_link_are_replayed_after_the_reconnect(chat_pro
     """A link that drops messages and dies: the client resumes from the last message it saw and gets them."""
     _, port = chat_process()
     link = Proxy(port)
-    carol, bob = Listener("carol", link.port), Listener("bob", port)
+    carol, bob = PlainClient("carol", link.port), PlainClient("bob", port)
     try:
         bob.say("one")
         carol.wait_for_line(rf"^{TIME} #lobby <bob> one$")
@@ -267,7 +231,7 @@ def test_interactive_plain_mode_connects_again_on_enter_after_going_offline(chat
 def test_a_server_shutdown_ends_plain_mode_with_a_note(chat_process):
     """When the server shuts down, a plain client prints the notices and exits with code 1."""
     process, port = chat_process()
-    listener = Listener("bob", port)
+    listener = PlainClient("bob", port)
     process.terminate()  # SIGTERM: the server says goodbye and closes with 1001
     assert listener.proc.wait(timeout=WAIT_SECONDS) == 1
     listener.wait_for_line(rf"^{TIME} \* The server is shutting down")

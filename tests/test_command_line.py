@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import urllib.request
 
 import pytest
@@ -152,11 +153,19 @@ def test_help_lists_the_flags_in_the_readme_order_without_machine_paths():
 
 
 def start_up_lines(chat_process, *flags: str) -> tuple[str, int]:
-    """What the server prints when it starts (it is stopped with SIGTERM right after)."""
+    """What the server prints when it starts, up to its status line (then it is stopped)."""
     process, port = chat_process(*flags)
+    watchdog = threading.Timer(20, process.kill)  # a missing line fails the test, never hangs it
+    watchdog.start()
+    lines = []
+    for line in process.stdout:  # the server prints its start-up lines right after it listens
+        lines.append(line)
+        if "status:" in line:
+            break
+    watchdog.cancel()
     process.terminate()
-    output, _ = process.communicate(timeout=20)
-    return output, port
+    rest, _ = process.communicate(timeout=20)
+    return "".join(lines) + rest, port
 
 
 def test_start_up_names_the_addresses_people_can_use(chat_process):

@@ -21,14 +21,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import ROOT, WAIT_SECONDS, ChatServer, free_port, wait_for_port
-from screen import Screen, client_env, termios, wait_for
+from screen import PlainClient, Screen, client_env, termios, wait_for
 
 STANDIN = ROOT / "tests" / "standin"
 ON_WINDOWS = sys.platform == "win32"  # the real thing: no stand-in needed, and no SIGINT to send
@@ -78,46 +77,11 @@ def start_server(processes):
     return start
 
 
-class PlainClient:
-    """client.py in plain line mode with its stdin open: it prints what arrives until it is told to stop."""
-
-    def __init__(self, username: str, port: int, env: dict, python: str = sys.executable):
-        """Start the client and wait until it is in the lobby."""
-        self.proc = subprocess.Popen(
-            [python, str(ROOT / "client.py"), username, "--host=127.0.0.1", f"--port={port}", "--plain"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=env, cwd=ROOT, **NEW_GROUP)
-        self.output: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        self.wait_for_line(r"^\* Now in #lobby")
-
-    def _read(self) -> None:
-        """Background thread: collect stdout lines."""
-        for line in self.proc.stdout:
-            self.output.append(line.rstrip("\n"))
-
-    def wait_for_line(self, pattern: str) -> str:
-        """Wait until a printed line matches the regular expression; return it."""
-        def match() -> str | None:
-            """The first matching line so far, if any."""
-            return next((line for line in list(self.output) if re.search(pattern, line)), None)
-        return wait_for(match, timeout=WAIT_SECONDS * 2, what=lambda: f"a line like {pattern!r} in {self.output}")
-
-    def say(self, line: str) -> None:
-        """Type one line."""
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def exit_code(self) -> int:
-        """Wait for the client to exit; its exit code."""
-        return self.proc.wait(timeout=WAIT_SECONDS * 2)
-
-
 @pytest.fixture
 def plain_clients(processes):
     """Start plain-mode clients; every one is stopped at the end of the test."""
     def start(username: str, port: int, env: dict, python: str = sys.executable) -> PlainClient:
-        client = PlainClient(username, port, env, python)
+        client = PlainClient(username, port, env, python, ("--host=127.0.0.1", "--plain"), **NEW_GROUP)
         processes.append(client.proc)
         return client
     return start
