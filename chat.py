@@ -13,15 +13,15 @@ How it runs
 -----------
 There is one thread and one Tornado IOLoop. The loop runs one callback at a
 time (a frame arrived, a timer fired, a client went away) and each callback
-runs to its end before the next one starts. So the chat state (users, rooms,
-sessions) needs no locks: nothing can run in the middle of a function. Other
+runs to its end before the next one starts. So the chat state (users and
+rooms) needs no locks: nothing can run in the middle of a function. Other
 clients get a turn only at an `await`, and no code that changes chat state
 contains one. Sending never waits either: a frame goes into the connection's
 outgoing buffer and the loop writes it out when the socket is ready.
 
 Two lessons in one file
 -----------------------
-Part I (sections 1-8) is a complete chat server, read in one sitting;
+Part I (sections 1-8) is a complete chat server, the first lesson;
 `python chat.py --lesson=1` runs exactly that. Part II (sections 9-15) is what
 lets it hold a crowd: each upgrade is a subclass of a Part I class, under its
 own banner, which opens with the problem it solves and the number that showed
@@ -110,9 +110,9 @@ def limit(default: float, help_text: str):
 
 @dataclass(frozen=True)
 class Limits:
-    """Every limit the server enforces, each a flag of the same name; 0 switches it off."""
+    """Every limit of the full server, each a flag of the same name; 0 switches it off."""
 
-    # Part I enforces these ...
+    # Part I enforces these four ...
     max_message_length: int = limit(500, "longest chat line, in characters")
     max_connections: int = limit(1000, "users online at once")
     room_capacity: int = limit(200, "users per room; the lobby is exempt")
@@ -148,10 +148,15 @@ class Limits:
 DEFAULT_PORT = 8888
 
 
+def is_port_number(text: str) -> bool:
+    """A whole number from 1 to 65535, in plain digits ("²" is a digit, but no number)."""
+    return text.isascii() and text.isdecimal() and 0 < int(text) < 65536
+
+
 def default_port() -> int:
     """The port when no --port is given: $CHAT_PORT, else DEFAULT_PORT."""
     value = os.environ.get("CHAT_PORT", str(DEFAULT_PORT))
-    if not value.isdigit() or not 0 < int(value) < 65536:
+    if not is_port_number(value):
         sys.exit(f"chat.py: CHAT_PORT must be a port number (1-65535), not {value!r}.")
     return int(value)
 
@@ -413,6 +418,8 @@ class RoomManager:
 
     def connect(self, username: str, token: str, connection: Connection) -> User:
         """Log a connection in as a new user, in the lobby. (Part I ignores the token.)"""
+        # Check, then take: no `await` between them, so no other login can run in the
+        # middle and take the same name. That is why there is no lock.
         self.check_new_username(username)
         user = self.new_user(username, connection)
         self.users[fold(username)] = user
@@ -435,6 +442,8 @@ class RoomManager:
         if self.limits.max_connections and self.online_count() >= self.limits.max_connections:
             raise Refusal("server_full", f"The server is full ({self.limits.max_connections} "
                           "users). Try again later.", CLOSE_SERVER_FULL)
+
+    # -- small steps of connect() that Part II changes (sections 11 and 13) --
 
     def name_taken(self, username: str, holder: User) -> Refusal:
         """The refusal for a username someone else has."""
@@ -550,7 +559,9 @@ class RoomManager:
     def broadcast(self, room: Room, event: dict, skip: User | None = None) -> None:
         """Deliver one event to every member of a room: encoded once, shared by all."""
         outbound = Outbound(event)
-        for member in list(room.members.values()):  # a copy: a delivery may drop a member
+        # A copy: should a member leave while we loop (Part II can end a session here), the
+        # dict changing size must not stop the loop. A slow member is dropped after it.
+        for member in list(room.members.values()):
             if member is not skip:
                 self.deliver(member, outbound)
 
@@ -559,7 +570,7 @@ class RoomManager:
         self.deliver(user, Outbound(event))
 
     def deliver(self, user: User, outbound: Outbound) -> None:
-        """Hand an event to the user's connection."""
+        """Hand an event to the user's connection: the one place every delivery passes."""
         if user.connection is not None:
             user.connection.send(outbound)
 
@@ -636,7 +647,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     def on_message(self, message: str | bytes) -> None:
         """A frame arrived: one typed line for the manager."""
         if self.user is None or self.user.connection is not self or self.ws_connection is None:
-            return  # refused, replaced or closed by us: this connection no longer speaks for anyone
+            return  # refused, or closed by us (Part II: or replaced): it speaks for nobody now
         if isinstance(message, bytes):
             self.send(Outbound(error_event("binary_frame", "Send text frames: binary frames are not chat.")))
             return
@@ -652,7 +663,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     def leave_chat(self, reason: str) -> None:
         """This connection's user is done: they leave their rooms (once)."""
         if self.user is None or self.user.connection is not self:
-            return  # refused, already gone, or taken over by a newer connection
+            return  # refused, or already gone (Part II: or taken over by a newer connection)
         self.manager.disconnect(self.user, self, reason)
         log.info("disconnect %s: %s (connections: %d)", self.user.username, reason,
                  len(self.manager.connections))
@@ -663,6 +674,8 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
                   exc_info=(typ, value, tb))
 
     # -- sending, and backpressure --
+    # Backpressure: what a sender does when a receiver cannot keep up. Here: never wait
+    # for it (everyone else would wait too), queue a bounded amount, then drop it.
 
     def send(self, outbound: Outbound) -> None:
         """Send an event without waiting; drop a client whose unsent output passes the bound."""
@@ -684,7 +697,8 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
                     self.manager.limits.max_backlog)
         self.close_by_server(CLOSE_SLOW_CONSUMER, "slow consumer: fell too far behind")
         # Tornado gives the client 5 s to read up and answer the close, then drops the
-        # socket and its buffer. The user leaves the rooms now, once this broadcast is done.
+        # socket and its buffer. The user leaves the rooms sooner: right after the broadcast
+        # that is under way (call_soon runs it next, not in the middle of the loop).
         asyncio.get_running_loop().call_soon(self.leave_chat, "fell too far behind")
 
     def close_by_server(self, code: int, reason: str) -> None:
@@ -827,13 +841,19 @@ def stop_on_signals(stop: asyncio.Event) -> None:
             signal.signal(signal_number, lambda *_: loop.call_soon_threadsafe(stop.set))
 
 
-def addresses_to_share(port: int, address: str) -> list[str]:
-    """The URLs people can open: this machine, and each LAN address when on every interface."""
-    urls = [f"http://localhost:{port}/"] if address in ("", "0.0.0.0", "::", "127.0.0.1", "localhost") \
-        else [f"http://{address}:{port}/"]
-    if address in ("", "0.0.0.0", "::"):
-        urls += [f"http://{ip}:{port}/" for ip in lan_addresses()]
-    return urls
+EVERY_INTERFACE = ("", "0.0.0.0", "::")
+
+
+def hosts_to_share(address: str) -> list[str]:
+    """The hosts people can use: this machine, and each LAN address when on every interface."""
+    if address in EVERY_INTERFACE:
+        return ["localhost", *lan_addresses()]
+    return ["localhost" if address in ("127.0.0.1", "::1") else address]
+
+
+def page_url(host: str, port: int) -> str:
+    """The web page's URL on `host` (an IPv6 address goes in brackets)."""
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
 def lan_addresses() -> list[str]:
@@ -859,13 +879,14 @@ async def run(limits: Limits, port: int, address: str, lesson: int) -> None:
     try:
         server, manager, port = serve(limits, port, address, lesson)
     except OSError as error:
-        sys.exit(f"chat.py: cannot listen on port {port}: {error.strerror}. Try --port=N.")
-    urls = addresses_to_share(port, address)
+        where = f"{address} port {port}" if address else f"port {port}"
+        sys.exit(f"chat.py: cannot listen on {where}: {error.strerror}. "
+                 f"Try another --port{' or --address' if address else ''}.")
     log.info("chat server (lesson %d) on port %d. Press Ctrl-C to stop.", lesson, port)
-    for url in urls:
-        host = url.split("//")[1].split(":")[0]
-        log.info("  open %s  or run: python client.py NAME --host %s --port %d", url, host, port)
-    log.info("  status: %sstatus", urls[0])
+    hosts = hosts_to_share(address)
+    for host in hosts:
+        log.info("  open %s  or run: python client.py NAME --host %s --port %d", page_url(host, port), host, port)
+    log.info("  status: %sstatus", page_url(hosts[0], port))
     await stop.wait()
     await shutdown(server, manager)
 
@@ -880,7 +901,7 @@ class FlagParser(argparse.ArgumentParser):
 
 def port_number(text: str) -> int:
     """A --port value: a whole number from 1 to 65535."""
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    if not is_port_number(text):
         raise argparse.ArgumentTypeError(f"must be a port number (1-65535), not {text!r}")
     return int(text)
 
@@ -907,6 +928,9 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args([re.sub(r"^(--[^=]+)", lambda m: m[1].replace("_", "-"), arg) for arg in argv])
 
 
+MIN_BACKLOG_BYTES = 65536  # a smaller bound could refuse a single large reply to a reader who is fine
+
+
 def limits_from_flags(flags: argparse.Namespace) -> Limits:
     """Collect the limit flags into one Limits record; a nonsensical value stops the server."""
     limits = Limits(**{limit_field.name: getattr(flags, limit_field.name) for limit_field in fields(Limits)})
@@ -915,6 +939,8 @@ def limits_from_flags(flags: argparse.Namespace) -> Limits:
             sys.exit(f"chat.py: --{name.replace('_', '-')} cannot be negative (0 switches it off).")
     if limits.rate_per_second and limits.rate_burst < 1:
         sys.exit("chat.py: --rate-burst must be at least 1, or nobody could ever send a line.")
+    if 0 < limits.max_backlog < MIN_BACKLOG_BYTES:  # one reply (a /rooms list) must always fit
+        sys.exit(f"chat.py: --max-backlog must be 0 (off) or at least {MIN_BACKLOG_BYTES} bytes.")
     return limits
 
 

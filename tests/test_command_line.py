@@ -75,7 +75,7 @@ def test_the_port_flag_wins_over_chat_port(chat_process):
         socket.create_connection(("127.0.0.1", decoy), timeout=0.5).close()
 
 
-@pytest.mark.parametrize("value", ["eighty", "0", "70000", "-1"])
+@pytest.mark.parametrize("value", ["eighty", "0", "70000", "-1", "²", "８０"])
 def test_a_bad_chat_port_is_a_clear_error(value):
     """A CHAT_PORT that is not a port number stops the server with one sentence, not a traceback."""
     result = run_chat(env={"CHAT_PORT": value})
@@ -108,7 +108,7 @@ def test_the_defaults_suit_a_class():
     assert 4096 <= limits.max_frame_bytes <= 16 * 1024
 
 
-@pytest.mark.parametrize("flag", ["--max-connections=-1", "--idle-timeout=-5", "--rate-burst=0"])
+@pytest.mark.parametrize("flag", ["--max-connections=-1", "--idle-timeout=-5", "--rate-burst=0", "--max-backlog=500"])
 def test_a_nonsensical_limit_is_a_clear_error(flag):
     """A negative limit (or a burst of 0) stops the server with one sentence, not a traceback."""
     result = run_chat(flag)
@@ -188,3 +188,18 @@ def test_lan_addresses_are_ipv4_and_never_loopback():
     """The addresses offered to other laptops are real IPv4 addresses of this machine, not 127.x."""
     for ip in chat.lan_addresses():
         assert ip.count(".") == 3 and not ip.startswith("127.")
+
+
+@pytest.mark.parametrize("host, url", [("localhost", "http://localhost:8888/"),
+                                       ("192.168.1.20", "http://192.168.1.20:8888/"),
+                                       ("::1", "http://[::1]:8888/"), ("fe80::1", "http://[fe80::1]:8888/")])
+def test_the_page_url_to_share_puts_ipv6_addresses_in_brackets(host, url):
+    """The address people are told to open is a valid URL for IPv4, IPv6 and names alike."""
+    assert chat.page_url(host, 8888) == url
+
+
+def test_a_bad_address_is_named_in_the_error():
+    """A --address the machine does not have is blamed on the address, not only the port."""
+    result = run_chat("--port=8999", "--address=192.0.2.77")  # a documentation address: never ours
+    assert result.returncode != 0
+    assert "cannot listen on 192.0.2.77 port 8999" in result.stderr and "--address" in result.stderr
