@@ -754,6 +754,10 @@ class PageHandler(tornado.web.RequestHandler):
         self.set_header("Cache-Control", "no-cache")
         self.write(page)
 
+    def head(self) -> None:
+        """The same answer without the page itself, for link checkers and `curl -I`."""
+        self.get()
+
 
 def inline_hashes(page: bytes, tag: bytes) -> str:
     """CSP sources for the bodies of the page's inline <script> or <style> elements."""

@@ -318,6 +318,14 @@ def test_the_page_is_served_with_a_policy_that_allows_only_its_own_script_and_st
     assert "default-src 'none'" in policy and "unsafe-inline" not in policy
 
 
+def test_a_head_request_gets_the_pages_headers_without_the_page(server):
+    """HEAD / (link checkers, `curl -I`) answers 200 with the same policy as GET / and no body."""
+    request = urllib.request.Request(server.url(), method="HEAD")
+    with urllib.request.urlopen(request) as response:
+        assert response.status == 200 and response.read() == b""
+        assert "script-src 'sha256-" in response.headers["Content-Security-Policy"]
+
+
 class Markup(HTMLParser):
     """The tags of a page with their attributes, in order."""
 
