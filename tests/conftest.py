@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -191,11 +192,21 @@ def chat_server(http_server, http_port, manager) -> ChatServer:
 # ---- a server in its own process, for signals and whole-program behaviour ----
 
 
+# Below the ports Linux (32768+), macOS and Windows (49152+) hand to outgoing connections:
+# a port picked here cannot be taken by some client's connect() before our server binds it.
+TEST_PORTS = range(20000, 32000)
+
+
 def free_port() -> int:
-    """A TCP port nobody is listening on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A TCP port nobody is listening on right now, outside the systems' ephemeral ranges."""
+    for port in random.sample(TEST_PORTS, 200):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("", port))
+            except OSError:
+                continue  # in use: try another
+            return port
+    raise AssertionError("no free TCP port found between 20000 and 32000")
 
 
 def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 10.0) -> None:
@@ -230,4 +241,7 @@ def chat_process():
     for process in processes:
         if process.poll() is None:
             process.kill()
-        process.communicate()
+        if process.stdout is not None and not process.stdout.closed:  # wait_for_port may have read it
+            process.communicate()
+        else:
+            process.wait()
