@@ -1293,10 +1293,9 @@ class ResumableRoomManager(RateLimitedRoomManager):
         del self.sessions[user.token]
 
     def deliver(self, user: CrowdUser, outbound: Outbound) -> None:
-        """Hand an event to the connection, or keep a message for replay while the user is away."""
-        if user.connection is not None:
-            user.connection.send(outbound)
-        elif user.missed is not None and outbound.event["type"] == "message":
+        """As in Part I, and while the user is away keep each message for replay."""
+        super().deliver(user, outbound)
+        if user.connection is None and user.missed is not None and outbound.event["type"] == "message":
             user.missed.append(outbound)  # the deque keeps only the newest REPLAY_LIMIT_MESSAGES
 
     def status(self) -> dict:
