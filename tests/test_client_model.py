@@ -566,7 +566,10 @@ def test_connections_that_keep_dropping_soon_after_login_wait_longer_each_time()
     connection.connected_at = 100.0
     for _ in range(4):
         connection.count_drop(now=101.0)  # each lasted a second
-    assert connection.quick_drops == 4 and connection.delay_before(1) >= client.BACKOFF_CAP_SECONDS / 2
+    # whatever the jitter, four quick drops wait at least as long as a fifth attempt would
+    slowest_first = client.backoff_seconds(1, rand=lambda: 1.0)
+    shortest_fifth = client.backoff_seconds(5, rand=lambda: 0.0)
+    assert connection.quick_drops == 4 and connection.delay_before(1) >= shortest_fifth > slowest_first
     connection.count_drop(now=100.0 + client.STABLE_SECONDS + 1)  # this one lasted: start afresh
     assert connection.quick_drops == 0 and connection.delay_before(1) <= client.BACKOFF_FIRST_SECONDS
 
