@@ -25,7 +25,8 @@ Part I (sections 1-8) is a complete chat server, the first lesson;
 `python chat.py --lesson=1` runs exactly that. Part II (sections 9-15) is what
 lets it hold a crowd: each upgrade is a subclass of a Part I class, under its
 own banner, which opens with the problem it solves and the number that showed
-it. `python chat.py` runs with all of Part II.
+it. `python chat.py` runs with all of Part II. An appendix (section 16) holds
+the start-up details main() calls that are not about chat.
 
 Sections
 --------
@@ -36,8 +37,8 @@ Part I: a chat server
  4. Commands            the table of /commands; /help is built from it
  5. Room manager        all chat state, and every change to it
  6. WebSocket handler   open -> on_message -> on_close, and a bounded send
- 7. HTTP endpoints      GET /status, and the web page at GET /
- 8. Wiring and main     the flags, the application, Ctrl-C and a graceful shutdown
+ 7. Status endpoint     GET /status: the server's state as JSON
+ 8. Wiring and main     the application, main, Ctrl-C and a graceful shutdown
 Part II: holding a crowd
  9. Fast broadcast      one frame, the same bytes to every socket
 10. Quiet big rooms     join notices cost C*C/2 deliveries
@@ -49,6 +50,9 @@ Part II: holding a crowd
     14.3 resume that loses nothing  14.4 held sessions  14.5 rooms  14.6 floods
     14.7 protocol errors  14.8 text that shows nothing
 15. The crowd server    tuning, and the classes `python chat.py` runs
+Appendix: start-up details, which no lesson needs
+16. Start-up            the web page and its security policy, the access log,
+                        signals, the addresses to tell the class, the flags
 """
 
 from __future__ import annotations
@@ -110,34 +114,16 @@ def limit(default: float, help_text: str):
 
 @dataclass(frozen=True)
 class Limits:
-    """Every limit of the full server, each a flag of the same name; 0 switches it off."""
+    """The limits Part I enforces, each a flag of the same name; 0 switches it off.
 
-    # Part I enforces these four ...
+    Part II adds its own in CrowdLimits, at the start of Part II.
+    """
+
     max_message_length: int = limit(500, "longest chat line, in characters")
     max_connections: int = limit(1000, "users online at once")
     room_capacity: int = limit(200, "users per room; the lobby is exempt")
     max_backlog: int = limit(1024 * 1024, "unsent output per connection, in bytes, before "
                              "a client that stopped reading is dropped")
-    # ... and Part II these (sections 10-13).
-    announce_limit: int = limit(100, "rooms with more users than this get no join/leave notices")
-    rate_per_second: float = limit(5.0, "lines a user may send per second, on average")
-    rate_burst: int = limit(10, "lines a user may send in a quick burst (at least 1)")
-    idle_timeout: float = limit(600.0, "seconds without a line before a user is disconnected")
-    ping_interval: float = limit(20.0, "seconds between keepalive pings; a peer silent for "
-                                 "two is dropped")
-    resume_grace: float = limit(30.0, "seconds a dropped user's session is held for resume")
-    handshake_timeout: float = limit(10.0, "seconds a new connection has to finish its handshake")
-    # ... and section 14 these: what one person with a script must not be able to take.
-    max_handshakes: int = limit(256, "connections still in their handshake, in total (and at most "
-                                "a quarter of the open-file limit)")
-    handshake_rate: float = limit(5.0, "new connections a second from one address, in bursts of "
-                                  "twice that (this machine's own address is exempt)")
-    max_per_address: int = limit(10, "users online plus sessions held for resume, from one address "
-                                 "(this machine's own address is exempt)")
-    max_rooms: int = limit(1000, "rooms on the server, the lobby included")
-    max_rooms_per_user: int = limit(20, "rooms one user may be in at once, the lobby included")
-    room_budget: int = limit(40_000, "deliveries a second one room may cause: a line to a room "
-                             "of N users costs N")
 
     @property
     def max_frame_bytes(self) -> int:
@@ -198,7 +184,8 @@ OLD_LIMIT_NAMES = {"max_message_chars": "max_message_length", "idle_timeout_seco
 def welcome_event(user: User, limits: Limits, **extra) -> dict:
     """The first event on every connection: who you are, where you are, the limits."""
     limit_values = asdict(limits)
-    limit_values.update({old: limit_values[new] for old, new in OLD_LIMIT_NAMES.items()})
+    limit_values.update({old: limit_values[new] for old, new in OLD_LIMIT_NAMES.items()
+                         if new in limit_values})
     return {"type": "welcome", "username": user.username, "room": user.current_room,
             "rooms": list(user.rooms), "token": user.token, **extra, "limits": limit_values}
 
@@ -594,8 +581,8 @@ class RoomManager:
 # ---- 6. WebSocket handler ------------------------------------------------------------
 # Tornado calls open(), then on_message() for every frame, then on_close()
 # exactly once, whether the client said goodbye or simply vanished. An
-# exception in any of them is a bug: it is logged with its traceback
-# (log_exception), and only that one connection is closed.
+# exception in any of them is a bug: Tornado logs it with its traceback and
+# closes only that one connection.
 
 
 class ChatSocket(tornado.websocket.WebSocketHandler):
@@ -668,11 +655,6 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         log.info("disconnect %s: %s (connections: %d)", self.user.username, reason,
                  len(self.manager.connections))
 
-    def log_exception(self, typ, value, tb) -> None:
-        """A bug: log it with its traceback, naming the user but not the URL (it holds the token)."""
-        log.error("bug while serving %s at %s", self.user and self.user.username, self.request.path,
-                  exc_info=(typ, value, tb))
-
     # -- sending, and backpressure --
     # Backpressure: what a sender does when a receiver cannot keep up. Here: never wait
     # for it (everyone else would wait too), queue a bounded amount, then drop it.
@@ -721,7 +703,7 @@ def forget_unsent(write: asyncio.Future) -> None:
         write.exception()  # looked at, so asyncio does not log it as "never retrieved"
 
 
-# ---- 7. HTTP endpoints: status and the web page --------------------------------------
+# ---- 7. Status endpoint --------------------------------------------------------------
 
 
 class StatusHandler(tornado.web.RequestHandler):
@@ -737,58 +719,7 @@ class StatusHandler(tornado.web.RequestHandler):
         self.write(self.manager.status())
 
 
-PAGE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
-
-
-class PageHandler(tornado.web.RequestHandler):
-    """GET /: the web chat page, one static file beside chat.py."""
-
-    def get(self) -> None:
-        """Serve chat.html with a policy that lets no script run but the page's own."""
-        with open(PAGE_PATH, "rb") as page_file:  # read each time: edit the page, reload the browser
-            page = page_file.read()
-        self.set_header("Content-Type", "text/html; charset=utf-8")
-        self.set_header("Content-Security-Policy", content_security_policy(page))
-        self.set_header("X-Content-Type-Options", "nosniff")
-        self.set_header("Referrer-Policy", "no-referrer")
-        self.set_header("Cache-Control", "no-cache")
-        self.write(page)
-
-    def head(self) -> None:
-        """The same answer without the page itself, for link checkers and `curl -I`."""
-        self.get()
-
-
-def inline_hashes(page: bytes, tag: bytes) -> str:
-    """CSP sources for the bodies of the page's inline <script> or <style> elements."""
-    markup = re.sub(rb"<!--.*?-->", b"", page, flags=re.S)  # a tag named in a comment is not code
-    bodies = re.findall(rb"<%s>(.*?)</%s>" % (tag, tag), markup, re.S)
-    digests = (base64.b64encode(hashlib.sha256(body).digest()).decode() for body in bodies)
-    return " ".join(f"'sha256-{digest}'" for digest in digests) or "'none'"
-
-
-def content_security_policy(page: bytes) -> str:
-    """Run exactly the page's own inline script and style (by hash), and fetch nothing else.
-
-    Even if a bug let a message in as HTML, the browser would refuse to run it.
-    """
-    return (f"default-src 'none'; script-src {inline_hashes(page, b'script')}; "
-            f"style-src {inline_hashes(page, b'style')}; connect-src 'self'; img-src 'self' data:; "
-            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-
-
 # ---- 8. Wiring and main --------------------------------------------------------------
-
-
-def log_request(handler: tornado.web.RequestHandler) -> None:
-    """Tornado's access log, minus query strings: they carry resume tokens."""
-    status = handler.get_status()
-    if status == 101:
-        return  # WebSocket upgrades get their own "connect" line from ChatSocket
-    level = logging.INFO if status < 400 else logging.WARNING
-    request = handler.request
-    logging.getLogger("tornado.access").log(level, "%d %s %s (%s) %.1fms", status, request.method,
-                                            request.path, request.remote_ip, 1000 * request.request_time())
 
 
 def make_app(manager: RoomManager, socket_class: type[ChatSocket] = ChatSocket,
@@ -800,16 +731,7 @@ def make_app(manager: RoomManager, socket_class: type[ChatSocket] = ChatSocket,
         log_function=log_request, **socket_class.app_settings(manager.limits))
 
 
-class ServerParts(NamedTuple):
-    """What a lesson's server is made of: the room manager, the socket, the HTTP server, GET /status."""
-
-    manager: type[RoomManager]
-    socket: type[ChatSocket]
-    http_server: Callable[[tornado.web.Application, Limits], HTTPServer]
-    status: type[StatusHandler] = StatusHandler
-
-
-def serve(limits: Limits = Limits(), port: int = 0, address: str = "",
+def serve(limits: Limits, port: int = 0, address: str = "",
           lesson: int = 2) -> tuple[HTTPServer, RoomManager, int]:
     """Start listening on the running loop (port 0 picks a free one): server, manager, port."""
     parts = LESSONS[lesson]  # lesson 1 is Part I alone; lesson 2 adds Part II (section 15)
@@ -832,50 +754,6 @@ async def shutdown(server: HTTPServer, manager: RoomManager, timeout_seconds: fl
     log.info("shut down: closed %d connections", len(connections))
 
 
-def stop_on_signals(stop: asyncio.Event) -> None:
-    """Ctrl-C (and SIGTERM, and Ctrl-Break on Windows) set `stop`; nothing else runs in the handler."""
-    loop = asyncio.get_running_loop()
-    for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
-        signal_number = getattr(signal, name, None)
-        if signal_number is None:
-            continue  # SIGBREAK exists on Windows only
-        try:  # Unix: the loop itself runs stop.set between callbacks
-            loop.add_signal_handler(signal_number, stop.set)
-        except (NotImplementedError, RuntimeError):  # Windows: a plain handler hands over to the loop
-            signal.signal(signal_number, lambda *_: loop.call_soon_threadsafe(stop.set))
-
-
-EVERY_INTERFACE = ("", "0.0.0.0", "::")
-
-
-def hosts_to_share(address: str) -> list[str]:
-    """The hosts people can use: this machine, and each LAN address when on every interface."""
-    if address in EVERY_INTERFACE:
-        return ["localhost", *lan_addresses()]
-    return ["localhost" if address in ("127.0.0.1", "::1") else address]
-
-
-def page_url(host: str, port: int) -> str:
-    """The web page's URL on `host` (an IPv6 address goes in brackets)."""
-    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
-
-
-def lan_addresses() -> list[str]:
-    """This machine's IPv4 addresses other than loopback, as far as the system says."""
-    found = set()
-    try:
-        found.update(info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET))
-    except OSError:
-        pass
-    try:  # the address of the interface a route would use; connect() on UDP sends nothing
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: a documentation address
-            found.add(probe.getsockname()[0])
-    except OSError:
-        pass
-    return sorted(ip for ip in found if not ip.startswith(("127.", "0.")))
-
-
 async def run(limits: Limits, port: int, address: str, lesson: int) -> None:
     """Serve until Ctrl-C or SIGTERM, then shut down gracefully."""
     stop = asyncio.Event()
@@ -887,74 +765,9 @@ async def run(limits: Limits, port: int, address: str, lesson: int) -> None:
         sys.exit(f"chat.py: cannot listen on {where}: {error.strerror}. "
                  f"Try another --port{' or --address' if address else ''}.")
     log.info("chat server (lesson %d) on port %d. Press Ctrl-C to stop.", lesson, port)
-    hosts = hosts_to_share(address)
-    for host in hosts:
-        log.info("  open %s  or run: python client.py NAME --host %s --port %d", page_url(host, port), host, port)
-    log.info("  status: %sstatus", page_url(hosts[0], port))
+    log_where_to_connect(address, port)  # the page's address, and the client's command line
     await stop.wait()
     await shutdown(server, manager)
-
-
-class FlagParser(argparse.ArgumentParser):
-    """argparse, with one sentence instead of a usage dump when a flag is wrong."""
-
-    def error(self, message: str):
-        """Stop with one line that says what is wrong and where to look."""
-        self.exit(2, f"chat.py: {message}. See: python chat.py --help\n")
-
-
-def port_number(text: str) -> int:
-    """A --port value: a whole number from 1 to 65535."""
-    if not is_port_number(text):
-        raise argparse.ArgumentTypeError(f"must be a port number (1-65535), not {text!r}")
-    return int(text)
-
-
-def parse_flags(argv: list[str]) -> argparse.Namespace:
-    """The command line: --port, --address, one flag per Limits field, --lesson, --logging."""
-    parser = FlagParser(prog="python chat.py", description="A teaching-sized WebSocket chat server.",
-                        epilog="--flag=VALUE and --flag VALUE both work; 0 switches a limit off.")
-    parser.add_argument("--port", type=port_number, default=None, metavar="N",
-                        help=f"TCP port to listen on; CHAT_PORT sets the default (default {default_port()})")
-    parser.add_argument("--address", default="", metavar="IP",
-                        help="address to listen on (default: every interface)")
-    for limit_field in fields(Limits):
-        parser.add_argument("--" + limit_field.name.replace("_", "-"), type=type(limit_field.default),
-                            default=limit_field.default, metavar="N", dest=limit_field.name,
-                            help=f"{limit_field.metadata['help']} (default {limit_field.default:g})"
-                            if isinstance(limit_field.default, float) else
-                            f"{limit_field.metadata['help']} (default {limit_field.default})")
-    parser.add_argument("--lesson", type=int, choices=sorted(LESSONS), default=2,
-                        help="1 runs Part I alone, the server of lesson 1 (default 2: everything)")
-    parser.add_argument("--logging", choices=["debug", "info", "warning", "error", "none"],
-                        default="info", help="how much the server logs (default info)")
-    # --max_backlog works too, as Tornado-style flags did: underscores become dashes
-    return parser.parse_args([re.sub(r"^(--[^=]+)", lambda m: m[1].replace("_", "-"), arg) for arg in argv])
-
-
-MIN_BACKLOG_BYTES = 65536  # a smaller bound could refuse a single large reply to a reader who is fine
-
-
-def limits_from_flags(flags: argparse.Namespace) -> Limits:
-    """Collect the limit flags into one Limits record; a nonsensical value stops the server."""
-    limits = Limits(**{limit_field.name: getattr(flags, limit_field.name) for limit_field in fields(Limits)})
-    for name, value in asdict(limits).items():
-        if value < 0:
-            sys.exit(f"chat.py: --{name.replace('_', '-')} cannot be negative (0 switches it off).")
-    if limits.rate_per_second and limits.rate_burst < 1:
-        sys.exit("chat.py: --rate-burst must be at least 1, or nobody could ever send a line.")
-    if 0 < limits.max_backlog < MIN_BACKLOG_BYTES:  # one reply (a /rooms list) must always fit
-        sys.exit(f"chat.py: --max-backlog must be 0 (off) or at least {MIN_BACKLOG_BYTES} bytes.")
-    return limits
-
-
-def configure_logging(level_name: str) -> None:
-    """One readable line per event on stderr, at the chosen level."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(tornado.log.LogFormatter())
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(logging.CRITICAL + 1 if level_name == "none" else level_name.upper())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -975,6 +788,32 @@ def main(argv: list[str] | None = None) -> None:
 # before a class does something unusual. Each section below fixes one thing the
 # numbers showed, as a subclass of a Part I class that overrides only what it
 # changes. Section 15 puts the last subclasses together: that is `python chat.py`.
+
+
+@dataclass(frozen=True)
+class CrowdLimits(Limits):
+    """Part I's limits and Part II's, each a flag of the same name; 0 switches it off."""
+
+    # sections 10-13
+    announce_limit: int = limit(100, "rooms with more users than this get no join/leave notices")
+    rate_per_second: float = limit(5.0, "lines a user may send per second, on average")
+    rate_burst: int = limit(10, "lines a user may send in a quick burst (at least 1)")
+    idle_timeout: float = limit(600.0, "seconds without a line before a user is disconnected")
+    ping_interval: float = limit(20.0, "seconds between keepalive pings; a peer silent for "
+                                 "two is dropped")
+    resume_grace: float = limit(30.0, "seconds a dropped user's session is held for resume")
+    # section 14: what one person with a script must not be able to take
+    handshake_timeout: float = limit(10.0, "seconds a new connection has to finish its handshake")
+    max_handshakes: int = limit(256, "connections still in their handshake, in total (and at most "
+                                "a quarter of the open-file limit)")
+    handshake_rate: float = limit(5.0, "new connections a second from one address, in bursts of "
+                                  "twice that (this machine's own address is exempt)")
+    max_per_address: int = limit(10, "users online plus sessions held for resume, from one address "
+                                 "(this machine's own address is exempt)")
+    max_rooms: int = limit(1000, "rooms on the server, the lobby included")
+    max_rooms_per_user: int = limit(20, "rooms one user may be in at once, the lobby included")
+    room_budget: int = limit(40_000, "deliveries a second one room may cause: a line to a room "
+                             "of N users costs N")
 
 
 # ---- 9. Fast broadcast: one frame, the same bytes to every socket --------------------
@@ -1117,7 +956,7 @@ def rate_limited(retry_after: float) -> Refusal:
 class RateLimitedRoomManager(QuietRoomManager):
     """A RoomManager where every line a user sends takes a token from their bucket."""
 
-    def __init__(self, limits: Limits = Limits(), wall_clock: Callable[[], float] = time.time,
+    def __init__(self, limits: CrowdLimits = CrowdLimits(), wall_clock: Callable[[], float] = time.time,
                  clock: Callable[[], float] = time.monotonic):
         """As in Part I, plus a steady clock for the buckets (tests pass their own)."""
         super().__init__(limits, wall_clock)
@@ -1155,7 +994,7 @@ class KeepaliveChatSocket(FastChatSocket):
     """A ChatSocket that pings its peer and closes a user who stays silent too long."""
 
     @classmethod
-    def app_settings(cls, limits: Limits) -> dict:
+    def app_settings(cls, limits: CrowdLimits) -> dict:
         """Part I's settings, plus Tornado's pings (its ping timeout drops a silent peer)."""
         return {**super().app_settings(limits), "websocket_ping_interval": limits.ping_interval or None,
                 "websocket_ping_timeout": limits.ping_interval or None}
@@ -1211,7 +1050,7 @@ REPLAY_LIMIT_MESSAGES = 100  # messages kept for a dropped user, replayed on res
 class ResumableRoomManager(RateLimitedRoomManager):
     """A RoomManager that holds a dropped user's session for a while, for resume."""
 
-    def __init__(self, limits: Limits = Limits(), wall_clock: Callable[[], float] = time.time,
+    def __init__(self, limits: CrowdLimits = CrowdLimits(), wall_clock: Callable[[], float] = time.time,
                  clock: Callable[[], float] = time.monotonic, call_later=None):
         """As before, plus the session index and a timer function (tests pass their own)."""
         super().__init__(limits, wall_clock, clock)
@@ -1341,6 +1180,11 @@ class ResumableChatSocket(KeepaliveChatSocket):
         self.abrupt = not self.websocket_protocol.said_goodbye and not self.server_close_reason
         super().on_close()
 
+    def log_exception(self, typ, value, tb) -> None:
+        """A bug: log it with its traceback, naming the user but not the URL (it holds the token now)."""
+        log.error("bug while serving %s at %s", self.user and self.user.username, self.request.path,
+                  exc_info=(typ, value, tb))
+
     def leave_chat(self, reason: str) -> None:
         """Hold the session after an abrupt end; otherwise leave as in Part I."""
         if self.user is None or self.user.connection is not self:
@@ -1399,7 +1243,7 @@ def open_file_limit() -> int | None:
 class GuardedHTTPServer(HTTPServer):
     """An HTTP server that rations new connections, and pauses when it runs out of descriptors."""
 
-    def initialize(self, app: tornado.web.Application, limits: Limits) -> None:
+    def initialize(self, app: tornado.web.Application, limits: CrowdLimits) -> None:
         """Tornado's server with the handshake timeout, plus the counts the limits need."""
         super().initialize(app, idle_connection_timeout=limits.handshake_timeout or None)
         self.limits, self.stopped = limits, False
@@ -1512,7 +1356,7 @@ class GuardedHTTPServer(HTTPServer):
         super().on_close(server_conn)
 
 
-# ---- 14.2 A client that stops reading: the kernel's buffer counts too -----------------
+# ---- 14.2 A client that stops reading: the kernel's buffer counts too ----------------
 # Problem: --max-backlog bounds what waits in this process for a client that
 # stopped reading, but the kernel's send buffer for its socket grows by itself up to
 # 4 MiB: one client that never read held 2.8 MB of kernel memory beside a 64 KiB
@@ -1534,7 +1378,7 @@ def limit_send_buffer(connection: socket.socket) -> None:
         pass  # a system that will not set it keeps its own size
 
 
-# ---- 14.3 Resume that loses nothing: message numbers and single-use tokens ------------
+# ---- 14.3 Resume that loses nothing: message numbers and single-use tokens -----------
 # Problem: a laptop whose Wi-Fi died still had an open socket on the server, so the
 # messages sent meanwhile went into it and were gone: resuming over it replayed 0 of
 # 10 lines, and `welcome` said `missed: 0`. And the token never changed: anyone who
@@ -1553,7 +1397,7 @@ LOST_COUNT_LIMIT = 1000  # messages counted for `lost` per user; past it, `lost`
 class LosslessRoomManager(ResumableRoomManager):
     """A RoomManager that numbers messages, replays from the client's last one, and renews tokens."""
 
-    def __init__(self, limits: Limits = Limits(), wall_clock: Callable[[], float] = time.time,
+    def __init__(self, limits: CrowdLimits = CrowdLimits(), wall_clock: Callable[[], float] = time.time,
                  clock: Callable[[], float] = time.monotonic, call_later=None):
         """As before, plus the server-wide message counter."""
         super().__init__(limits, wall_clock, clock, call_later)
@@ -1622,7 +1466,7 @@ class LosslessChatSocket(ResumableChatSocket):
         super().open()
 
 
-# ---- 14.4 Held sessions: bounded, and never in anyone's way ---------------------------
+# ---- 14.4 Held sessions: bounded, and never in anyone's way --------------------------
 # Problem: resume ignored --max-connections: fill the server, drop every connection
 # without a close frame, fill it again, and resume every token: 9 users online with
 # --max-connections=3 (500 with 50), and the backlog bound multiplied with them. Held
@@ -1640,7 +1484,7 @@ class LosslessChatSocket(ResumableChatSocket):
 class BoundedSessionsRoomManager(LosslessRoomManager):
     """A RoomManager whose held sessions are bounded: in number, per address, and in seats."""
 
-    def __init__(self, limits: Limits = Limits(), wall_clock: Callable[[], float] = time.time,
+    def __init__(self, limits: CrowdLimits = CrowdLimits(), wall_clock: Callable[[], float] = time.time,
                  clock: Callable[[], float] = time.monotonic, call_later=None):
         """As before, plus the held sessions in order and the sessions per address."""
         super().__init__(limits, wall_clock, clock, call_later)
@@ -1737,7 +1581,7 @@ class AddressedChatSocket(LosslessChatSocket):
         super().open()
 
 
-# ---- 14.5 Rooms: how many, and what listing them costs --------------------------------
+# ---- 14.5 Rooms: how many, and what listing them costs -------------------------------
 # Problem: rooms had no limit, per user or in total, and held sessions kept theirs
 # alive: 5,600 held sessions made 50,401 rooms, and one /rooms reply was 1.45 MB for a
 # 7-byte request (130-150 ms of CPU); three users sending /rooms within the rate limit
@@ -1823,7 +1667,7 @@ class CachedStatusHandler(StatusHandler):
 class FloodLimitedRoomManager(RoomLimitedRoomManager):
     """A RoomManager that tells a flooder once, then closes it, and gives each room a budget."""
 
-    def __init__(self, limits: Limits = Limits(), wall_clock: Callable[[], float] = time.time,
+    def __init__(self, limits: CrowdLimits = CrowdLimits(), wall_clock: Callable[[], float] = time.time,
                  clock: Callable[[], float] = time.monotonic, call_later=None):
         """As before, plus a delivery budget per room (a token bucket, keyed by room name)."""
         super().__init__(limits, wall_clock, clock, call_later)
@@ -1900,7 +1744,7 @@ class FloodCountingChatSocket(AddressedChatSocket):
             self.manager.spend_token(self.user)
 
 
-# ---- 14.7 Protocol errors: close code 1002, and the session ends ----------------------
+# ---- 14.7 Protocol errors: close code 1002, and the session ends ---------------------
 # Problem: Tornado accepted frames a client sent unmasked (RFC 6455 5.1: the server
 # must close), echoed any close code back, 1005, 1006, 1015 and out-of-range ones
 # included (7.4.1: never sent), and on a malformed frame (reserved bits, an unknown
@@ -1984,7 +1828,7 @@ class StrictChatSocket(FloodCountingChatSocket):
         return protocol
 
 
-# ---- 14.8 Text that shows nothing -----------------------------------------------------
+# ---- 14.8 Text that shows nothing ----------------------------------------------------
 # Problem: a line of only U+3164 (Hangul filler), U+200B (zero-width space) or U+2800
 # (blank Braille) passed the empty check and arrived as a blank message; zero-width
 # and other format characters (text hidden from a filter, invisible "tag" letters)
@@ -2026,7 +1870,7 @@ class VisibleTextRoomManager(FloodLimitedRoomManager):
         super().say(user, visible_text(line))
 
 
-# ---- 15. The crowd server: tuning, and the classes `python chat.py` runs --------------
+# ---- 15. The crowd server: tuning, and the classes `python chat.py` runs -------------
 
 
 class CrowdRoomManager(VisibleTextRoomManager):
@@ -2046,7 +1890,7 @@ class CrowdChatSocket(StrictChatSocket):
                  "last_seq", "address")  # section 14
 
 
-def crowd_http_server(app: tornado.web.Application, limits: Limits) -> HTTPServer:
+def crowd_http_server(app: tornado.web.Application, limits: CrowdLimits) -> HTTPServer:
     """An HTTP server that rations new connections (section 14.1)."""
     return GuardedHTTPServer(app, limits)
 
@@ -2080,10 +1924,195 @@ def tune_for_a_crowd() -> None:
     gc.set_threshold(50_000)
 
 
+class ServerParts(NamedTuple):
+    """What a lesson's server is made of: the room manager, the socket, the HTTP server, GET /status."""
+
+    manager: type[RoomManager]
+    socket: type[ChatSocket]
+    http_server: Callable[[tornado.web.Application, Limits], HTTPServer]
+    status: type[StatusHandler] = StatusHandler
+
+
 LESSONS = {  # what `--lesson=N` runs
     1: ServerParts(RoomManager, ChatSocket, lambda app, limits: HTTPServer(app)),
     2: ServerParts(CrowdRoomManager, CrowdChatSocket, crowd_http_server, CachedStatusHandler),
 }
+
+
+# =====================================================================================
+# Appendix: start-up details
+# =====================================================================================
+# What section 8 calls that is not about chat: the web page and its security policy,
+# the access log, signals on every platform, the addresses to tell the class, and the
+# flags, generated from the limits. No lesson needs it; read it when curious.
+
+
+# ---- 16. Start-up: the web page, the log, signals, addresses and flags ---------------
+
+
+PAGE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
+
+
+class PageHandler(tornado.web.RequestHandler):
+    """GET /: the web chat page, one static file beside chat.py."""
+
+    def get(self) -> None:
+        """Serve chat.html with a policy that lets no script run but the page's own."""
+        with open(PAGE_PATH, "rb") as page_file:  # read each time: edit the page, reload the browser
+            page = page_file.read()
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.set_header("Content-Security-Policy", content_security_policy(page))
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("Referrer-Policy", "no-referrer")
+        self.set_header("Cache-Control", "no-cache")
+        self.write(page)
+
+    def head(self) -> None:
+        """The same answer without the page itself, for link checkers and `curl -I`."""
+        self.get()
+
+
+def inline_hashes(page: bytes, tag: bytes) -> str:
+    """CSP sources for the bodies of the page's inline <script> or <style> elements."""
+    markup = re.sub(rb"<!--.*?-->", b"", page, flags=re.S)  # a tag named in a comment is not code
+    bodies = re.findall(rb"<%s>(.*?)</%s>" % (tag, tag), markup, re.S)
+    digests = (base64.b64encode(hashlib.sha256(body).digest()).decode() for body in bodies)
+    return " ".join(f"'sha256-{digest}'" for digest in digests) or "'none'"
+
+
+def content_security_policy(page: bytes) -> str:
+    """Run exactly the page's own inline script and style (by hash), and fetch nothing else.
+
+    Even if a bug let a message in as HTML, the browser would refuse to run it.
+    """
+    return (f"default-src 'none'; script-src {inline_hashes(page, b'script')}; "
+            f"style-src {inline_hashes(page, b'style')}; connect-src 'self'; img-src 'self' data:; "
+            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """Tornado's access log, minus query strings: they carry resume tokens."""
+    status = handler.get_status()
+    if status == 101:
+        return  # WebSocket upgrades get their own "connect" line from ChatSocket
+    level = logging.INFO if status < 400 else logging.WARNING
+    request = handler.request
+    logging.getLogger("tornado.access").log(level, "%d %s %s (%s) %.1fms", status, request.method,
+                                            request.path, request.remote_ip, 1000 * request.request_time())
+
+
+def stop_on_signals(stop: asyncio.Event) -> None:
+    """Ctrl-C (and SIGTERM, and Ctrl-Break on Windows) set `stop`; nothing else runs in the handler."""
+    loop = asyncio.get_running_loop()
+    for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
+        signal_number = getattr(signal, name, None)
+        if signal_number is None:
+            continue  # SIGBREAK exists on Windows only
+        try:  # Unix: the loop itself runs stop.set between callbacks
+            loop.add_signal_handler(signal_number, stop.set)
+        except (NotImplementedError, RuntimeError):  # Windows: a plain handler hands over to the loop
+            signal.signal(signal_number, lambda *_: loop.call_soon_threadsafe(stop.set))
+
+
+EVERY_INTERFACE = ("", "0.0.0.0", "::")
+
+
+def hosts_to_share(address: str) -> list[str]:
+    """The hosts people can use: this machine, and each LAN address when on every interface."""
+    if address in EVERY_INTERFACE:
+        return ["localhost", *lan_addresses()]
+    return ["localhost" if address in ("127.0.0.1", "::1") else address]
+
+
+def page_url(host: str, port: int) -> str:
+    """The web page's URL on `host` (an IPv6 address goes in brackets)."""
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+def lan_addresses() -> list[str]:
+    """This machine's IPv4 addresses other than loopback, as far as the system says."""
+    found = set()
+    try:
+        found.update(info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET))
+    except OSError:
+        pass
+    try:  # the address of the interface a route would use; connect() on UDP sends nothing
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: a documentation address
+            found.add(probe.getsockname()[0])
+    except OSError:
+        pass
+    return sorted(ip for ip in found if not ip.startswith(("127.", "0.")))
+
+
+def log_where_to_connect(address: str, port: int) -> None:
+    """The start-up lines that tell a class how to join: a URL and a command per address."""
+    hosts = hosts_to_share(address)
+    for host in hosts:
+        log.info("  open %s  or run: python client.py NAME --host %s --port %d", page_url(host, port), host, port)
+    log.info("  status: %sstatus", page_url(hosts[0], port))
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse, with one sentence instead of a usage dump when a flag is wrong."""
+
+    def error(self, message: str):
+        """Stop with one line that says what is wrong and where to look."""
+        self.exit(2, f"chat.py: {message}. See: python chat.py --help\n")
+
+
+def port_number(text: str) -> int:
+    """A --port value: a whole number from 1 to 65535."""
+    if not is_port_number(text):
+        raise argparse.ArgumentTypeError(f"must be a port number (1-65535), not {text!r}")
+    return int(text)
+
+
+def parse_flags(argv: list[str]) -> argparse.Namespace:
+    """The command line: --port, --address, one flag per CrowdLimits field, --lesson, --logging."""
+    parser = FlagParser(prog="python chat.py", description="A teaching-sized WebSocket chat server.",
+                        epilog="--flag=VALUE and --flag VALUE both work; 0 switches a limit off.")
+    parser.add_argument("--port", type=port_number, default=None, metavar="N",
+                        help=f"TCP port to listen on; CHAT_PORT sets the default (default {default_port()})")
+    parser.add_argument("--address", default="", metavar="IP",
+                        help="address to listen on (default: every interface)")
+    for limit_field in fields(CrowdLimits):
+        parser.add_argument("--" + limit_field.name.replace("_", "-"), type=type(limit_field.default),
+                            default=limit_field.default, metavar="N", dest=limit_field.name,
+                            help=f"{limit_field.metadata['help']} (default {limit_field.default:g})"
+                            if isinstance(limit_field.default, float) else
+                            f"{limit_field.metadata['help']} (default {limit_field.default})")
+    parser.add_argument("--lesson", type=int, choices=sorted(LESSONS), default=2,
+                        help="1 runs Part I alone, the server of lesson 1 (default 2: everything)")
+    parser.add_argument("--logging", choices=["debug", "info", "warning", "error", "none"],
+                        default="info", help="how much the server logs (default info)")
+    # --max_backlog works too, as Tornado-style flags did: underscores become dashes
+    return parser.parse_args([re.sub(r"^(--[^=]+)", lambda m: m[1].replace("_", "-"), arg) for arg in argv])
+
+
+MIN_BACKLOG_BYTES = 65536  # a smaller bound could refuse a single large reply to a reader who is fine
+
+
+def limits_from_flags(flags: argparse.Namespace) -> CrowdLimits:
+    """Collect the limit flags into one CrowdLimits record; a nonsensical value stops the server."""
+    limits = CrowdLimits(**{limit_field.name: getattr(flags, limit_field.name) for limit_field in fields(CrowdLimits)})
+    for name, value in asdict(limits).items():
+        if value < 0:
+            sys.exit(f"chat.py: --{name.replace('_', '-')} cannot be negative (0 switches it off).")
+    if limits.rate_per_second and limits.rate_burst < 1:
+        sys.exit("chat.py: --rate-burst must be at least 1, or nobody could ever send a line.")
+    if 0 < limits.max_backlog < MIN_BACKLOG_BYTES:  # one reply (a /rooms list) must always fit
+        sys.exit(f"chat.py: --max-backlog must be 0 (off) or at least {MIN_BACKLOG_BYTES} bytes.")
+    return limits
+
+
+def configure_logging(level_name: str) -> None:
+    """One readable line per event on stderr, at the chosen level."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(tornado.log.LogFormatter())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.CRITICAL + 1 if level_name == "none" else level_name.upper())
 
 
 if __name__ == "__main__":

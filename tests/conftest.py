@@ -43,7 +43,7 @@ WAIT_SECONDS = 5.0  # generous: waits end as soon as the event arrives
 
 def pytest_configure(config):
     """Register the markers these tests use."""
-    config.addinivalue_line("markers", "limits(**fields): chat.Limits for this test's server")
+    config.addinivalue_line("markers", "limits(**fields): chat.CrowdLimits for this test's server")
     config.addinivalue_line("markers", "lesson(n): test only this lesson's server (in a BOTH_LESSONS module)")
 
 
@@ -159,10 +159,10 @@ class ChatServer:
 
 
 @pytest.fixture
-def limits(request) -> chat.Limits:
+def limits(request) -> chat.CrowdLimits:
     """The server's limits: the defaults, changed by a `limits` marker."""
     marker = request.node.get_closest_marker("limits")
-    return chat.Limits(**(marker.kwargs if marker else {}))
+    return chat.CrowdLimits(**(marker.kwargs if marker else {}))
 
 
 @pytest.fixture

@@ -49,7 +49,7 @@ SIOCOUTQ = 0x5411  # Linux: bytes in a socket's send queue (sent but not yet ack
 @contextlib.asynccontextmanager
 async def running_server(**fields):
     """Start the full server (`python chat.py`) on a free port with these limits; stop it after."""
-    server, manager, port = chat.serve(chat.Limits(**fields), 0, "127.0.0.1")
+    server, manager, port = chat.serve(chat.CrowdLimits(**fields), 0, "127.0.0.1")
     try:
         yield ChatServer(port, manager)
     finally:
@@ -502,7 +502,7 @@ async def test_binary_frames_do_not_keep_a_silent_user_past_the_idle_timeout():
         assert alice.ws.close_code == chat.CLOSE_IDLE  # closed while it was still sending them
 
 
-def flood_frame(kind: str, limits: chat.Limits) -> bytes:
+def flood_frame(kind: str, limits: chat.CrowdLimits) -> bytes:
     """One frame of a flood, of the given kind, as a script would send it."""
     return {"text": client_frame(OPCODE_TEXT, b"spam"),
             "binary": client_frame(OPCODE_BINARY, b""),

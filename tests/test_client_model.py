@@ -761,8 +761,8 @@ def test_the_lobby_and_the_default_port_are_the_servers():
 
 
 def test_the_limits_the_client_reads_from_welcome_are_limits_the_server_has():
-    """The length counter and the pacer read welcome.limits under chat.Limits' own field names."""
-    fields = {field.name for field in dataclasses.fields(chat.Limits)}
+    """The length counter and the pacer read welcome.limits under chat.CrowdLimits' own field names."""
+    fields = {field.name for field in dataclasses.fields(chat.CrowdLimits)}
     assert {"max_message_length", "rate_per_second", "rate_burst"} <= fields
 
 

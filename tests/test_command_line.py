@@ -102,7 +102,7 @@ def test_limit_flags_reach_the_server(chat_process):
 
 def test_the_defaults_suit_a_class():
     """100 users can share one room, and people may type a few lines a second."""
-    limits = chat.Limits()
+    limits = chat.CrowdLimits()
     assert limits.room_capacity >= 100 and limits.rate_burst >= 5 and limits.rate_per_second >= 2
     assert limits.max_message_length == 500 and limits.max_backlog == 1024 * 1024
     assert 4096 <= limits.max_frame_bytes <= 16 * 1024

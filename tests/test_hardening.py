@@ -757,7 +757,7 @@ async def test_max_message_length_0_switches_the_length_limit_off(chat_server):
 @pytest.mark.gen_test
 async def test_a_connection_that_never_completes_its_handshake_is_dropped():
     """Half-finished handshakes cannot hold sockets for long: the server closes them after the timeout."""
-    server, manager, port = chat.serve(chat.Limits(handshake_timeout=0.2), 0, "127.0.0.1")
+    server, manager, port = chat.serve(chat.CrowdLimits(handshake_timeout=0.2), 0, "127.0.0.1")
     try:
         loop = asyncio.get_running_loop()
         with socket.create_connection(("127.0.0.1", port)) as stalled:
@@ -786,7 +786,7 @@ async def test_get_status_reports_connections_users_rooms_uptime_and_limits(chat
     assert status["rooms"] == [{"name": "dev", "users": 1}, {"name": "lobby", "users": 2}]
     assert isinstance(status["uptime_seconds"], (int, float)) and status["uptime_seconds"] >= 0
     assert status["limits"]["room_capacity"] == 7
-    assert status["limits"]["max_connections"] == chat.Limits().max_connections
+    assert status["limits"]["max_connections"] == chat.CrowdLimits().max_connections
 
 
 # ---- logging ---------------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ class RoomManagerMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.timers = ManualTimers()
-        limits = chat.Limits(rate_per_second=0, room_capacity=3, max_connections=4)
+        limits = chat.CrowdLimits(rate_per_second=0, room_capacity=3, max_connections=4)
         self.manager = chat.CrowdRoomManager(limits, call_later=self.timers.call_later)
         self.connections: dict[str, RecordingConnection] = {}  # live ones, by folded name
         self.sent = 0
@@ -261,7 +261,7 @@ def test_timestamps_are_iso8601_utc_with_milliseconds(now, text):
 @example(line="/join \u202e")
 def test_any_typed_line_gets_exactly_one_answer_and_never_breaks_the_manager(line):
     """Bad input of any kind is refused with an error for that user only; nothing raises."""
-    manager = chat.CrowdRoomManager(chat.Limits(rate_per_second=0), call_later=ManualTimers().call_later)
+    manager = chat.CrowdRoomManager(chat.CrowdLimits(rate_per_second=0), call_later=ManualTimers().call_later)
     alice, bob = RecordingConnection(), RecordingConnection()
     user = manager.connect("alice", None, alice)
     manager.connect("bob", None, bob)

@@ -99,7 +99,7 @@ class Carol:
 class WebServer:
     """The chat server under test: start, restart on the same port, stop; and its users."""
 
-    def __init__(self, loop: LoopThread, limits: chat.Limits):
+    def __init__(self, loop: LoopThread, limits: chat.CrowdLimits):
         """Start listening on a free port."""
         self.loop, self.limits, self.port = loop, limits, 0
         self.carols: list[Carol] = []  # plain WebSocket users, who say goodbye at the end
