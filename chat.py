@@ -31,7 +31,7 @@ the start-up details main() calls that are not about chat.
 Sections
 --------
 Part I: a chat server
- 1. Settings            every limit once: its default, unit and flag
+ 1. Settings            Part I's limits, each once: default, unit and flag; the port
  2. Protocol            close codes, error codes, one builder per event type
  3. Pure helpers        names, text cleaning, timestamps
  4. Commands            the table of /commands; /help is built from it
@@ -39,7 +39,7 @@ Part I: a chat server
  6. WebSocket handler   open -> on_message -> on_close, and a bounded send
  7. Status endpoint     GET /status: the server's state as JSON
  8. Wiring and main     the application, main, Ctrl-C and a graceful shutdown
-Part II: holding a crowd
+Part II: holding a crowd (it opens with CrowdLimits, the limits it adds)
  9. Fast broadcast      one frame, the same bytes to every socket
 10. Quiet big rooms     join notices cost C*C/2 deliveries
 11. Rate limit          a token bucket per user
@@ -55,7 +55,7 @@ Appendix: start-up details, which no lesson needs
                         signals, the addresses to tell the class, the flags
 """
 
-from __future__ import annotations
+from __future__ import annotations  # a type may be named before its class is defined
 
 import sys
 
@@ -127,7 +127,13 @@ class Limits:
 
     @property
     def max_frame_bytes(self) -> int:
-        """Largest frame a client may send: a full-length line of 4-byte characters."""
+        """Largest frame a client may send: a full-length line of 4-byte characters.
+
+        The 64 spare bytes are for what clean_text removes before the length is counted.
+        With no length limit, the cap is Tornado's own default, 10 MiB.
+        """
+        if not self.max_message_length:
+            return 10 * 1024 * 1024
         return max(4096, 4 * self.max_message_length + 64)
 
 
@@ -171,7 +177,7 @@ class Refusal(Exception):
     """A normal "no" to a user: becomes an `error` event (and a close, on connect)."""
 
     def __init__(self, code: str, text: str, close_code: int | None = None, **extra):
-        """`code` for programs, `text` for people, `extra` fields for the event (retry_after)."""
+        """`code` for programs, `text` for people, `extra` fields for the event (Part II's retry_after)."""
         super().__init__(text)
         self.code, self.text, self.close_code, self.extra = code, text, close_code, extra
 
@@ -196,7 +202,7 @@ def message_event(timestamp: str, username: str, room: str, text: str) -> dict:
 
 
 def system_event(timestamp: str, text: str, room: str | None = None, **extra) -> dict:
-    """A notice from the server: someone joined or left, shutdown, idle timeout."""
+    """A notice from the server: someone joined or left, or the server is shutting down."""
     event = {"type": "system", "timestamp": timestamp, "text": text, **extra}
     if room is not None:
         event["room"] = room
@@ -401,7 +407,7 @@ class RoomManager:
         self.connections: set[Connection] = set()  # every live connection, logged in or not
         self.closing = False  # set by shutdown(): no new logins
 
-    # -- arriving and leaving --
+    # -- arriving --
 
     def connect(self, username: str, token: str, connection: Connection) -> User:
         """Log a connection in as a new user, in the lobby. (Part I ignores the token.)"""
@@ -430,10 +436,24 @@ class RoomManager:
             raise Refusal("server_full", f"The server is full ({self.limits.max_connections} "
                           "users). Try again later.", CLOSE_SERVER_FULL)
 
-    # -- small steps of connect() that Part II changes (sections 11 and 13) --
+    # -- leaving (Part II holds the session instead, sections 13 and 14) --
+
+    def disconnect(self, user: User, connection: Connection, reason: str) -> None:
+        """A user's connection ended: they leave every room."""
+        user.connection = None
+        self.end_session(user, reason)
+
+    def end_session(self, user: User, reason: str) -> None:
+        """Remove a user from every room; the name is free again."""
+        for room_name in list(user.rooms):
+            self.announce(self.rooms[room_name], f"{user.username} left ({reason})", "leave", user)
+            self.remove_member(user, self.rooms[room_name])
+        del self.users[fold(user.username)]
+
+    # -- small steps of connect() that Part II changes (sections 11, 13 and 14) --
 
     def name_taken(self, username: str, holder: User) -> Refusal:
-        """The refusal for a username someone else has."""
+        """The refusal for a username someone else has (Part II looks at the holder)."""
         return Refusal("username_taken", f"The username {username!r} is taken: someone with "
                        "that name is online. Pick another.", CLOSE_USERNAME_TAKEN)
 
@@ -448,18 +468,6 @@ class RoomManager:
     def online_count(self) -> int:
         """Users with a live connection."""
         return len(self.users)
-
-    def disconnect(self, user: User, connection: Connection, reason: str) -> None:
-        """A user's connection ended: they leave every room."""
-        user.connection = None
-        self.end_session(user, reason)
-
-    def end_session(self, user: User, reason: str) -> None:
-        """Remove a user from every room; the name is free again."""
-        for room_name in list(user.rooms):
-            self.announce(self.rooms[room_name], f"{user.username} left ({reason})", "leave", user)
-            self.remove_member(user, self.rooms[room_name])
-        del self.users[fold(user.username)]
 
     # -- rooms --
 
@@ -538,9 +546,9 @@ class RoomManager:
         self.broadcast(room, message_event(self.timestamp(), user.username, room.name, text))
         log.info("#%s <%s> %s (connections: %d)", room.name, user.username, text, len(self.connections))
 
-    def announce(self, room: Room, text: str, event: str, about: User) -> None:
-        """Tell a room's other members that someone joined or left."""
-        notice = system_event(self.timestamp(), text, room.name, event=event, username=about.username)
+    def announce(self, room: Room, text: str, kind: str, about: User) -> None:
+        """Tell a room's other members that someone joined or left (`kind`: "join" or "leave")."""
+        notice = system_event(self.timestamp(), text, room.name, event=kind, username=about.username)
         self.broadcast(room, notice, skip=about)
 
     def broadcast(self, room: Room, event: dict, skip: User | None = None) -> None:
@@ -607,7 +615,9 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     def open(self) -> None:
         """A client connected: log it in, or refuse it with an error and a close code."""
         self.manager.connections.add(self)  # removed in on_close, which always runs
-        # Sends never wait, so unsent output queues here; past the bound, send() drops the client.
+        # ws_connection is Tornado's WebSocket protocol; its stream is the TCP connection and
+        # its outgoing buffer. Sends never wait, so unsent output queues there; past the bound,
+        # send() drops the client.
         self.ws_connection.stream.max_write_buffer_size = self.manager.limits.max_backlog or None
         if self.manager.closing:  # a late arrival during shutdown
             self.say_goodbye()
@@ -684,7 +694,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         asyncio.get_running_loop().call_soon(self.leave_chat, "fell too far behind")
 
     def close_by_server(self, code: int, reason: str) -> None:
-        """Close on purpose (refusal, slow, shutdown); the close frame may pass the bound."""
+        """Close on purpose (refusal, slow, shutdown), lifting the bound so the close frame fits."""
         self.server_close_reason = reason
         if self.ws_connection is not None:
             self.ws_connection.stream.max_write_buffer_size = None
@@ -720,6 +730,9 @@ class StatusHandler(tornado.web.RequestHandler):
 
 
 # ---- 8. Wiring and main --------------------------------------------------------------
+# main() also calls what is not about chat: reading the flags, the access log, signals
+# and the addresses to print are in the appendix (section 16); LESSONS, which says the
+# classes each lesson runs, and the tuning for a crowd are Part II's (section 15).
 
 
 def make_app(manager: RoomManager, socket_class: type[ChatSocket] = ChatSocket,
@@ -773,7 +786,7 @@ async def run(limits: Limits, port: int, address: str, lesson: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Parse the flags, then run the server until it is told to stop."""
     flags = parse_flags(sys.argv[1:] if argv is None else argv)
-    limits = limits_from_flags(flags)
+    limits = limits_from_flags(flags, LESSONS[flags.lesson].limits)  # lesson 1: Part I's limits
     configure_logging(flags.logging)
     if flags.lesson >= 2:
         tune_for_a_crowd()  # Part II, section 15
@@ -800,7 +813,7 @@ class CrowdLimits(Limits):
     rate_burst: int = limit(10, "lines a user may send in a quick burst (at least 1)")
     idle_timeout: float = limit(600.0, "seconds without a line before a user is disconnected")
     ping_interval: float = limit(20.0, "seconds between keepalive pings; a peer silent for "
-                                 "two is dropped")
+                                 "two of them is dropped")
     resume_grace: float = limit(30.0, "seconds a dropped user's session is held for resume")
     # section 14: what one person with a script must not be able to take
     handshake_timeout: float = limit(10.0, "seconds a new connection has to finish its handshake")
@@ -893,10 +906,10 @@ class FastChatSocket(ChatSocket):
 class QuietRoomManager(RoomManager):
     """A RoomManager that stops announcing arrivals and departures in big rooms."""
 
-    def announce(self, room: Room, text: str, event: str, about: User) -> None:
+    def announce(self, room: Room, text: str, kind: str, about: User) -> None:
         """Tell the room, unless it is bigger than the announce limit (counting `about`)."""
         if len(room.members) <= self.limits.announce_limit:
-            super().announce(room, text, event, about)
+            super().announce(room, text, kind, about)
 
 
 # ---- 11. Rate limit: a token bucket per user -----------------------------------------
@@ -1925,16 +1938,17 @@ def tune_for_a_crowd() -> None:
 
 
 class ServerParts(NamedTuple):
-    """What a lesson's server is made of: the room manager, the socket, the HTTP server, GET /status."""
+    """What a lesson's server is made of: room manager, socket, HTTP server, GET /status, limits."""
 
     manager: type[RoomManager]
     socket: type[ChatSocket]
     http_server: Callable[[tornado.web.Application, Limits], HTTPServer]
     status: type[StatusHandler] = StatusHandler
+    limits: type[Limits] = CrowdLimits
 
 
 LESSONS = {  # what `--lesson=N` runs
-    1: ServerParts(RoomManager, ChatSocket, lambda app, limits: HTTPServer(app)),
+    1: ServerParts(RoomManager, ChatSocket, lambda app, limits: HTTPServer(app), limits=Limits),
     2: ServerParts(CrowdRoomManager, CrowdChatSocket, crowd_http_server, CachedStatusHandler),
 }
 
@@ -2049,7 +2063,8 @@ def log_where_to_connect(address: str, port: int) -> None:
     """The start-up lines that tell a class how to join: a URL and a command per address."""
     hosts = hosts_to_share(address)
     for host in hosts:
-        log.info("  open %s  or run: python client.py NAME --host %s --port %d", page_url(host, port), host, port)
+        log.info("  open %s  or run: python client.py NAME --host %s --port %d",
+                 page_url(host, port), host, port)
     log.info("  status: %sstatus", page_url(hosts[0], port))
 
 
@@ -2072,20 +2087,26 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
     """The command line: --port, --address, one flag per CrowdLimits field, --lesson, --logging."""
     parser = FlagParser(prog="python chat.py", description="A teaching-sized WebSocket chat server.",
                         epilog="--flag=VALUE and --flag VALUE both work; 0 switches a limit off.")
-    parser.add_argument("--port", type=port_number, default=None, metavar="N",
-                        help=f"TCP port to listen on; CHAT_PORT sets the default (default {default_port()})")
-    parser.add_argument("--address", default="", metavar="IP",
-                        help="address to listen on (default: every interface)")
+    where = parser.add_argument_group("where to listen")
+    where.add_argument("--port", type=port_number, default=None, metavar="N",
+                       help=f"TCP port to listen on; CHAT_PORT sets the default (default {default_port()})")
+    where.add_argument("--address", default="", metavar="IP",
+                       help="address to listen on (default: every interface)")
+    part_one = parser.add_argument_group("limits (Part I enforces these)")
+    part_two = parser.add_argument_group("limits Part II adds (--lesson=1 does not use them)")
+    part_one_names = {limit_field.name for limit_field in fields(Limits)}
     for limit_field in fields(CrowdLimits):
-        parser.add_argument("--" + limit_field.name.replace("_", "-"), type=type(limit_field.default),
-                            default=limit_field.default, metavar="N", dest=limit_field.name,
-                            help=f"{limit_field.metadata['help']} (default {limit_field.default:g})"
-                            if isinstance(limit_field.default, float) else
-                            f"{limit_field.metadata['help']} (default {limit_field.default})")
-    parser.add_argument("--lesson", type=int, choices=sorted(LESSONS), default=2,
-                        help="1 runs Part I alone, the server of lesson 1 (default 2: everything)")
-    parser.add_argument("--logging", choices=["debug", "info", "warning", "error", "none"],
-                        default="info", help="how much the server logs (default info)")
+        group = part_one if limit_field.name in part_one_names else part_two
+        default = limit_field.default
+        default = f"{default:g}" if isinstance(default, float) else default
+        group.add_argument("--" + limit_field.name.replace("_", "-"), type=type(limit_field.default),
+                           default=limit_field.default, metavar="N", dest=limit_field.name,
+                           help=f"{limit_field.metadata['help']} (default {default})")
+    running = parser.add_argument_group("lesson and log")
+    running.add_argument("--lesson", type=int, choices=sorted(LESSONS), default=2,
+                         help="1 runs Part I alone, the server of lesson 1 (default 2: everything)")
+    running.add_argument("--logging", choices=["debug", "info", "warning", "error", "none"],
+                         default="info", help="how much the server logs (default info)")
     # --max_backlog works too, as Tornado-style flags did: underscores become dashes
     return parser.parse_args([re.sub(r"^(--[^=]+)", lambda m: m[1].replace("_", "-"), arg) for arg in argv])
 
@@ -2093,17 +2114,16 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
 MIN_BACKLOG_BYTES = 65536  # a smaller bound could refuse a single large reply to a reader who is fine
 
 
-def limits_from_flags(flags: argparse.Namespace) -> CrowdLimits:
-    """Collect the limit flags into one CrowdLimits record; a nonsensical value stops the server."""
-    limits = CrowdLimits(**{limit_field.name: getattr(flags, limit_field.name) for limit_field in fields(CrowdLimits)})
-    for name, value in asdict(limits).items():
-        if value < 0:
+def limits_from_flags(flags: argparse.Namespace, limits_class: type[Limits] = CrowdLimits) -> Limits:
+    """The lesson's limits from the flags (Part I's four, or all); a nonsensical value stops the server."""
+    for name in (limit_field.name for limit_field in fields(CrowdLimits)):
+        if getattr(flags, name) < 0:
             sys.exit(f"chat.py: --{name.replace('_', '-')} cannot be negative (0 switches it off).")
-    if limits.rate_per_second and limits.rate_burst < 1:
+    if flags.rate_per_second and flags.rate_burst < 1:
         sys.exit("chat.py: --rate-burst must be at least 1, or nobody could ever send a line.")
-    if 0 < limits.max_backlog < MIN_BACKLOG_BYTES:  # one reply (a /rooms list) must always fit
+    if 0 < flags.max_backlog < MIN_BACKLOG_BYTES:  # one reply (a /rooms list) must always fit
         sys.exit(f"chat.py: --max-backlog must be 0 (off) or at least {MIN_BACKLOG_BYTES} bytes.")
-    return limits
+    return limits_class(**{name: getattr(flags, name) for name in (f.name for f in fields(limits_class))})
 
 
 def configure_logging(level_name: str) -> None:

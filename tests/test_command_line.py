@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import socket
@@ -45,6 +46,20 @@ def test_help_gives_each_limit_a_default_and_a_unit():
     text = " ".join((run_chat("--help").stdout + run_chat("--help").stderr).split())
     for phrase in ["in characters (default 500)", "seconds", "bytes", "(default 8888)"]:
         assert phrase in text
+
+
+def test_help_sets_apart_the_limits_lesson_one_does_not_use():
+    """--help lists Part I's limits and Part II's under separate headings."""
+    help_text = run_chat("--help").stdout
+    part_one, part_two = help_text.split("limits (Part I enforces these)")[1].split("limits Part II adds")
+    assert "--max-backlog" in part_one and "--rate-per-second" not in part_one
+    assert "--rate-per-second" in part_two and "--max-backlog" not in part_two
+
+
+def test_lesson_one_runs_with_only_the_limits_part_one_enforces(chat_process):
+    """`--lesson=1` does not advertise Part II's limits: /status shows Part I's four."""
+    _, port = chat_process("--lesson=1")
+    assert set(status(port)["limits"]) == {field.name for field in dataclasses.fields(chat.Limits)}
 
 
 def test_the_port_flag_starts_the_server_there(chat_process):

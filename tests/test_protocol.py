@@ -372,6 +372,15 @@ async def test_an_over_limit_message_is_refused_to_the_sender_only(chat_server):
     assert (await bob.expect("message"))["text"] == "x" * 10
 
 
+@pytest.mark.limits(max_message_length=0)
+@pytest.mark.gen_test
+async def test_with_the_length_limit_off_a_long_line_is_relayed(chat_server):
+    """--max-message-length=0 switches the limit off: a 6,000-character line (past 4 KiB) arrives."""
+    alice, bob = await chat_server.join("alice"), await chat_server.join("bob")
+    await alice.say("x" * 6000)
+    assert (await bob.expect("message"))["text"] == "x" * 6000
+
+
 @pytest.mark.parametrize("typed, relayed", [
     ("\x1b[2J\x1b[31mred", "[2J[31mred"),  # ESC: clear screen, colours
     ("bell\x07", "bell"),
