@@ -222,6 +222,29 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 10.0) -
     raise AssertionError(f"nothing listening on port {port} after {timeout} s")
 
 
+async def wait_until(condition, what: str, timeout: float = WAIT_SECONDS) -> None:
+    """Poll `condition()` on the loop until it holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"after {timeout} s still not: {what}"
+        await asyncio.sleep(0.01)
+
+
+async def assert_graceful_stop(process: subprocess.Popen, port: int, press) -> None:
+    """alice and bob are online; `press(process)` gets each the shutdown notice and 1001, and exit status 0."""
+    server = ChatServer(port, manager=None)  # in another process: only its address is known here
+    alice = await server.join("alice")
+    bob = await server.join("bob")
+    press(process)
+    for client in (alice, bob):
+        await client.expect("system", event="shutdown")
+        assert (await client.closed())[0] == 1001
+    await wait_until(lambda: process.poll() is not None, "the server process exited",
+                     timeout=WAIT_SECONDS * 2)
+    assert process.returncode == 0
+    assert "closed 2 connections" in process.stdout.read()
+
+
 @pytest.fixture
 def chat_process():
     """Start `python chat.py FLAGS...` on a free port; returns (process, port). Killed at the end."""

@@ -28,7 +28,7 @@ from urllib.parse import urlencode
 import pytest
 import tornado.httpclient
 import tornado.websocket
-from conftest import ROOT, WAIT_SECONDS, ChatClient, ChatServer, free_port, wait_for_port
+from conftest import ROOT, WAIT_SECONDS, ChatClient, ChatServer, free_port, wait_for_port, wait_until
 
 import chat
 
@@ -81,14 +81,6 @@ async def refusal_or_welcome(client: ChatClient) -> dict:
     event = await client.next_event()
     assert event is not None, "closed without an event"
     return event
-
-
-async def wait_until(condition, what: str, timeout: float = WAIT_SECONDS) -> None:
-    """Poll `condition()` on the loop until it holds; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"after {timeout} s still not: {what}"
-        await asyncio.sleep(0.01)
 
 
 async def drop(client: ChatClient, server: ChatServer) -> None:

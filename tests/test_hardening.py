@@ -22,19 +22,11 @@ import time
 
 import pytest
 import tornado.websocket
-from conftest import WAIT_SECONDS, ChatClient, ChatServer
+from conftest import WAIT_SECONDS, ChatClient, ChatServer, assert_graceful_stop, wait_until
 
 import chat
 
 # ---- helpers: waiting, reading transcripts, and a hand-made WebSocket peer ----
-
-
-async def wait_until(condition, what: str, timeout: float = WAIT_SECONDS) -> None:
-    """Poll `condition()` on the loop until it holds; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"after {timeout} s still not: {what}"
-        await asyncio.sleep(0.01)
 
 
 def messages(events: list[dict]) -> list[tuple[str, str]]:
@@ -664,16 +656,7 @@ async def test_held_sessions_do_not_count_toward_max_connections(chat_server):
 async def test_a_signal_tells_every_client_closes_with_1001_and_exits_0(chat_process, signal_number):
     """Shutdown: on SIGTERM or Ctrl-C every client gets `system` "shutdown", close 1001; exit code 0."""
     process, port = chat_process()
-    server = ChatServer(port, manager=None)  # in another process: only its address is known here
-    alice = await server.join("alice")
-    bob = await server.join("bob")
-    process.send_signal(signal_number)
-    for client in (alice, bob):
-        await client.expect("system", event="shutdown")
-        assert (await client.closed())[0] == 1001
-    await wait_until(lambda: process.poll() is not None, "the server process exited")
-    assert process.returncode == 0
-    assert "closed 2 connections" in process.stdout.read()
+    await assert_graceful_stop(process, port, lambda process: process.send_signal(signal_number))
 
 
 # ---- churn ---------------------------------------------------------------------------------------

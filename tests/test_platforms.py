@@ -12,7 +12,6 @@ Linux, macOS and Windows.
 
 from __future__ import annotations
 
-import asyncio
 import glob
 import hashlib
 import os
@@ -21,12 +20,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, WAIT_SECONDS, ChatServer, free_port, wait_for_port
+from conftest import ROOT, WAIT_SECONDS, ChatServer, assert_graceful_stop, free_port, wait_for_port
 from screen import PlainClient, Screen, client_env, termios, wait_for
 
 STANDIN = ROOT / "tests" / "standin"
@@ -87,14 +85,6 @@ def plain_clients(processes):
     return start
 
 
-async def eventually(condition, what: str, timeout: float = WAIT_SECONDS * 2) -> None:
-    """Poll `condition()` on the loop until it holds; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"after {timeout} s still not: {what}"
-        await asyncio.sleep(0.02)
-
-
 # ---- the stand-in itself ------------------------------------------------------------------------
 
 PROBE = """
@@ -141,20 +131,6 @@ def test_the_standin_shows_chat_py_what_windows_has_and_leaves_other_code_alone(
 
 
 # ---- the server where the loop cannot watch signals (Windows) -------------------------------------
-
-
-async def assert_graceful_stop(process: subprocess.Popen, port: int, press) -> None:
-    """alice and bob are online; `press(process)` gets each the shutdown notice and 1001, and exit status 0."""
-    server = ChatServer(port, manager=None)  # in another process: only its address is known here
-    alice = await server.join("alice")
-    bob = await server.join("bob")
-    press(process)
-    for client in (alice, bob):
-        await client.expect("system", event="shutdown")
-        assert (await client.closed())[0] == 1001
-    await eventually(lambda: process.poll() is not None, "the server process exited")
-    assert process.returncode == 0
-    assert "closed 2 connections" in process.stdout.read()
 
 
 @pytest.mark.skipif(ON_WINDOWS, reason="Windows cannot send Ctrl-C to one process; the Ctrl-Break test covers it")
