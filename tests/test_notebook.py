@@ -1,5 +1,6 @@
 """The demo notebook: it runs headless in a fresh kernel, any cell can run again, and it is committed with its outputs."""
 
+import json
 import re
 from pathlib import Path
 
@@ -31,6 +32,14 @@ async def _test_counting_shutdown(*args, **kwargs):
     await _test_shutdown(*args, **kwargs)
 
 chat.serve, chat.shutdown = _test_counting_serve, _test_counting_shutdown
+"""
+
+# Run in the notebook's kernel while its alice is connected: a stranger asks for her name.
+SOMEONE_ELSE_AS_ALICE = """
+try:
+    await Client("alice").open()
+except Refused as refusal:
+    print(refusal)
 """
 
 
@@ -116,11 +125,13 @@ def test_every_cell_runs_again_in_order_with_one_server_and_the_earlier_users_sa
         def servers() -> dict:
             print_servers = len(cells) - 1
             client.execute_cell(cells[print_servers], print_servers)
-            return eval(cells[print_servers].outputs[0].text)
+            return json.loads(cells[print_servers].outputs[0].text)
 
         run_code = [index for index, cell in enumerate(cells) if cell.cell_type == "code"]
-        cells += [nbformat.v4.new_code_cell(COUNT_SERVERS), nbformat.v4.new_code_cell("print(_test_servers)")]
-        client.execute_cell(cells[-2], len(cells) - 2)
+        cells += [nbformat.v4.new_code_cell(COUNT_SERVERS), nbformat.v4.new_code_cell(SOMEONE_ELSE_AS_ALICE),
+                  nbformat.v4.new_code_cell("import json; print(json.dumps(_test_servers))")]
+        someone_else_as_alice = len(cells) - 2
+        client.execute_cell(cells[-3], len(cells) - 3)
         first_port = re.search(r"port (\d+)", run(start)).group(1)
         for index in [i for i in run_code if start < i <= drop]:  # carol is away, the server is up
             run(index)
@@ -132,7 +143,8 @@ def test_every_cell_runs_again_in_order_with_one_server_and_the_earlier_users_sa
             said = run(index)
             if index == act_1:
                 for name in ("alice", "bob", "carol"):
-                    assert f"{name} from an earlier run is still connected: saying goodbye first" in said
+                    assert f"The name {name} is still taken by the {name} of an earlier run" in said
+                assert "alice was refused: The username 'alice' is taken" in run(someone_else_as_alice)
         assert carols_act_3_column(cells)[-1] == ALICES_REPLY
         assert servers() == {"started": [int(first_port)], "stopped": 1, "most_at_once": 1}
 
