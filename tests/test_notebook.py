@@ -116,46 +116,43 @@ def test_every_cell_runs_again_in_order_with_one_server_and_the_earlier_users_sa
     cells = notebook.cells
     start, act_1 = code_cell_under(cells, "## Start"), code_cell_under(cells, "## Act 1")
     drop, stop = code_cell_under(cells, "## Act 2"), code_cell_under(cells, "## Stop")
+    after_start = [index for index, cell in enumerate(cells) if cell.cell_type == "code" and index > start]
+    # The test's own cells, after the notebook's: a spy on chat.serve/shutdown, a stranger, a probe.
+    count_servers, someone_else_as_alice, print_servers = range(len(cells), len(cells) + 3)
+    cells += [nbformat.v4.new_code_cell(COUNT_SERVERS), nbformat.v4.new_code_cell(SOMEONE_ELSE_AS_ALICE),
+              nbformat.v4.new_code_cell("import json; print(json.dumps(_test_servers))")]
     client = new_client(notebook)
     with client.setup_kernel():
         def run(index: int) -> str:
+            """Run one cell in this kernel; return what it printed and displayed."""
             client.execute_cell(cells[index], index)  # raises CellExecutionError on any error
             return output_text(cells[index])
 
-        def servers() -> dict:
-            print_servers = len(cells) - 1
-            client.execute_cell(cells[print_servers], print_servers)
-            return json.loads(cells[print_servers].outputs[0].text)
-
-        run_code = [index for index, cell in enumerate(cells) if cell.cell_type == "code"]
-        cells += [nbformat.v4.new_code_cell(COUNT_SERVERS), nbformat.v4.new_code_cell(SOMEONE_ELSE_AS_ALICE),
-                  nbformat.v4.new_code_cell("import json; print(json.dumps(_test_servers))")]
-        someone_else_as_alice = len(cells) - 2
-        client.execute_cell(cells[-3], len(cells) - 3)
+        run(count_servers)
         first_port = re.search(r"port (\d+)", run(start)).group(1)
-        for index in [i for i in run_code if start < i <= drop]:  # carol is away, the server is up
+        for index in [index for index in after_start if index <= drop]:  # carol is away, the server up
             run(index)
 
         # Again, from the top: the running server is reused, and alice, bob and carol
         # (carol's session held) say goodbye before their names are taken again.
         assert f"still running on port {first_port}: reusing it" in run(start)
-        for index in [i for i in run_code if start < i]:
+        for index in after_start:
             said = run(index)
             if index == act_1:
                 for name in ("alice", "bob", "carol"):
                     assert f"The name {name} is still taken by the {name} of an earlier run" in said
                 assert "alice was refused: The username 'alice' is taken" in run(someone_else_as_alice)
         assert carols_act_3_column(cells)[-1] == ALICES_REPLY
-        assert servers() == {"started": [int(first_port)], "stopped": 1, "most_at_once": 1}
+        assert json.loads(run(print_servers)) == {"started": [int(first_port)], "stopped": 1, "most_at_once": 1}
 
         # After the last cell stopped it: the stop cell knows, and the first cell starts a new one.
         assert "already stopped" in run(stop)
         assert "The server is up on port" in run(start)
-        for index in [i for i in run_code if start < i]:
+        for index in after_start:
             run(index)
         assert carols_act_3_column(cells)[-1] == ALICES_REPLY
-        counted = servers()
-        assert (len(counted["started"]), counted["stopped"], counted["most_at_once"]) == (2, 2, 1)
+        servers = json.loads(run(print_servers))
+        assert (len(servers["started"]), servers["stopped"], servers["most_at_once"]) == (2, 2, 1)
 
 
 def test_act_headings_are_numbered_as_the_story_lists_them_and_nothing_else_is_numbered():
