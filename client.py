@@ -107,7 +107,6 @@ HISTORY_LINES = 500  # input lines Up/Down can bring back
 NEAR_LIMIT_FRACTION = 0.8  # the n/limit counter shows from 80 % of the length limit
 LOBBY = "lobby"  # everyone is in it after logging in
 QUIT_COMMANDS = {"/quit", "/exit"}  # handled by the client; everything else goes to the server
-COMMANDS = ("/help", "/join", "/leave", "/quit", "/rooms", "/users")  # for Tab completion
 
 DESCRIPTION = """\
 Chat in a terminal with the chat.py server: a split view on a terminal, plain
@@ -121,10 +120,15 @@ KEYS_HELP = f"""\
 keys (split view):
   Enter sends; Tab completes commands, rooms and usernames; Up/Down recall what you sent;
   Left/Right, Home/End (Ctrl-A/Ctrl-E), Backspace/Delete, Ctrl-W deletes a word, Ctrl-U the line;
-  PgUp/PgDn scroll; Ctrl-N/Ctrl-P switch to the next/previous room; Ctrl-L redraws;
-  {SUSPEND_HELP}; /quit, Ctrl-C or Ctrl-D (on an empty line) leave.
-commands: /join <room>, /leave, /rooms, /users, /help, /quit
+  PgUp/PgDn scroll; Ctrl-N/Ctrl-P switch to the next/previous room; F2 or Ctrl-G shows or hides
+  the sidebar of rooms and users (hidden by itself below 100 columns); Ctrl-L redraws;
+  {SUSPEND_HELP}; /quit, Ctrl-C, Ctrl-D (on an empty line) or closing the window leave.
+commands: /join <room>, /leave, /rooms, /users, /help (the server's list), /quit
 """
+
+
+class ClientError(Exception):
+    """A reason to stop before the chat starts, in one sentence for stderr."""
 
 
 @dataclass
@@ -136,37 +140,78 @@ class Settings:
     plain: bool  # plain line mode even on a terminal
 
 
+def is_port_number(text: str) -> bool:
+    """A whole number from 1 to 65535, in plain digits: chat.py's rule ("²" is a digit, but no number)."""
+    return text.isascii() and text.isdecimal() and 0 < int(text) < 65536
+
+
 def default_port() -> int:
-    """The port when neither --port nor --url is given: $CHAT_PORT, else 8888."""
-    value = os.environ.get("CHAT_PORT", "")
-    return int(value) if value.isdigit() and 0 < int(value) < 65536 else DEFAULT_PORT
+    """The port when the address names none: $CHAT_PORT (read as chat.py reads it), else 8888."""
+    value = os.environ.get("CHAT_PORT", str(DEFAULT_PORT))
+    if not is_port_number(value):
+        raise ClientError(f"CHAT_PORT must be a port number (1-65535), not {value!r}.")
+    return int(value)
 
 
-def server_url(host: str, port: int) -> str:
-    """The chat server's WebSocket URL for a host and port (IPv6 literals get brackets)."""
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"ws://{host}:{port}/ws"
+def port_number(text: str) -> int:
+    """--port's value, by the same rule (argparse explains a refusal)."""
+    if not is_port_number(text):
+        raise argparse.ArgumentTypeError(f"must be a port number (1-65535), not {text!r}")
+    return int(text)
+
+
+# What a pasted address means for the WebSocket: the page's http:// is the chat's ws://.
+SCHEMES = {"ws": "ws", "wss": "wss", "http": "ws", "https": "wss"}
+HOST_NAME = re.compile(r"[a-z0-9._-]+|[0-9a-f:.]+(%[a-z0-9]+)?")  # a name, an IPv4 or an IPv6 address
+
+
+def server_url(flag: str, address: str, port: int | None) -> str:
+    """The server's WebSocket URL from what was typed or pasted; ClientError (one sentence) if it is none.
+
+    Accepted: HOST, HOST:PORT, [IPv6]:PORT (or a bare IPv6 address), and URLs: ws(s)://
+    or the page's http(s):// address; a URL without a path gets /ws. `port` is used when
+    a bare host names none (a URL without one means the scheme's own, as in a browser).
+    """
+    text = address.strip()
+    if text.count(":") > 1 and "[" not in text and "://" not in text:
+        text = f"[{text}]"  # a bare IPv6 address, such as ::1
+    try:
+        parts = urlsplit(text if "://" in text else f"ws://{text}")
+        port = parts.port or (None if "://" in text else port)  # ValueError: no port number
+    except ValueError:
+        parts = None
+    host = parts.hostname if parts else None
+    if (not host or parts.scheme.lower() not in SCHEMES or "@" in parts.netloc
+            or not HOST_NAME.fullmatch(host)):
+        raise ClientError(f"{flag} {address!r} is not a server address: give a host name or IP address, "
+                          "optionally with :PORT (like 192.168.1.20:8888 or [::1]:8888), or the address "
+                          "the server printed (http://... or ws://...).")
+    host = f"[{host}]" if ":" in host else host
+    netloc = f"{host}:{port}" if port else host
+    path = parts.path if parts.path not in ("", "/") else "/ws"
+    return urlunsplit((SCHEMES[parts.scheme.lower()], netloc, path, parts.query, ""))
 
 
 def parse_settings(argv: list[str] | None = None) -> Settings:
-    """Read the command line; argparse explains mistakes and exits."""
+    """Read the command line; argparse explains mistakes and exits, a bad address is a ClientError."""
     parser = argparse.ArgumentParser(
         prog="client.py", epilog=KEYS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
         description=DESCRIPTION)
     parser.add_argument("username", help="your name in the chat: 1-20 letters, digits, _ or -")
     parser.add_argument("--url", help="the server's WebSocket URL; overrides --host and --port "
-                                      "(default: ws://HOST:PORT/ws)")
-    parser.add_argument("--host", default=DEFAULT_HOST, help="server host (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=default_port(),
-                        help="server port (default: %(default)s; $CHAT_PORT sets the default)")
+                                      "(default: ws://HOST:PORT/ws; /ws is added to a URL without a path)")
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help="server host, HOST:PORT, [IPv6]:PORT or the address the server printed, "
+                             "like http://192.168.1.20:8888/ (default: %(default)s)")
+    parser.add_argument("--port", type=port_number,
+                        help=f"server port (default: {DEFAULT_PORT}; $CHAT_PORT sets the default)")
     parser.add_argument("--plain", action="store_true",
                         help="plain line mode: type a line and Enter sends it; each event prints as a line")
     args = parser.parse_args(argv)
-    url = args.url or server_url(args.host, args.port)
-    if urlsplit(url).scheme not in ("ws", "wss"):
-        parser.error(f"--url must start with ws:// or wss://, not {url!r}")
-    return Settings(args.username, url, args.plain)
+    env_port = default_port()  # checked even when --port is given, as chat.py checks it
+    port = args.port or env_port
+    flag, address = ("--url", args.url) if args.url else ("--host", args.host)
+    return Settings(args.username, server_url(flag, address, port), args.plain)
 
 
 # ---- 2. Safe text: cleaning, widths, wrapping, time ---------------------------
@@ -377,7 +422,9 @@ class Model:
     rooms: dict[str, Room] = field(default_factory=dict)  # keyed by room name (stored lower-case)
     left_rooms: dict[str, Room] = field(default_factory=dict)  # rooms we left: their scrollback comes back
     known_rooms: set[str] = field(default_factory=set)  # from /rooms replies, for Tab completion
+    commands: list[str] = field(default_factory=lambda: ["/quit"])  # for Tab: the server's, from /help
     limit_chars: int = 0  # welcome.limits.max_message_length; 0 = no limit
+    idle_seconds: float = 0.0  # welcome.limits.idle_timeout: silence that ends a session; 0 = none
     last_seq: int = 0  # the highest message `seq` seen: a resume asks for what came after it
     rate: "Pacer | None" = None  # the server's rate limit, from welcome: pasted lines are paced by it
     state: str = "connecting"  # connecting, connected, reconnecting or offline
@@ -472,7 +519,8 @@ def on_welcome(model: Model, event: dict) -> list[Line]:
         ensure_room(model, name)
     model.room = clean(event.get("room")) or (rooms[-1] if rooms else LOBBY)
     limits = event.get("limits") if isinstance(event.get("limits"), dict) else {}
-    model.limit_chars = whole_number(limits.get("max_message_length", limits.get("max_message_chars")))
+    model.limit_chars = whole_number(limits.get("max_message_length"))
+    model.idle_seconds = seconds(limits.get("idle_timeout"))
     model.rate = Pacer.from_limits(limits)
     if not event.get("resumed"):
         model.last_seq = 0  # a new session: nothing of it seen yet
@@ -589,13 +637,17 @@ def on_users(model: Model, event: dict) -> list[Line]:
     return [note(model, f"Users in #{room.name} ({room.user_count}): {names}")]
 
 
-def on_help(model: Model, event: dict) -> list[Line]:
-    """help: the reply to /help, one line per command (plus the client's own /quit)."""
+def on_help(model: Model, event: dict, quiet: bool = False) -> list[Line]:
+    """help: the reply to /help, one line per command (plus the client's own /quit); Tab completes them.
+
+    quiet: the client asked, after logging in, only to learn the commands: nothing is shown.
+    """
     usages = [(clean(c.get("usage")), clean(c.get("description"))) for c in records(event.get("commands"))]
     if not any(usage.startswith("/quit") for usage, _ in usages):
         usages.append(("/quit", "leave the chat (Ctrl-C works too)"))
+    model.commands = sorted({usage.split(" ")[0] for usage, _ in usages if usage.startswith("/")})
     width = max(len(usage) for usage, _ in usages)
-    return [note(model, f"{usage:{width}}  {description}") for usage, description in usages]
+    return [] if quiet else [note(model, f"{usage:{width}}  {description}") for usage, description in usages]
 
 
 def on_error(model: Model, event: dict) -> list[Line]:
@@ -739,7 +791,7 @@ def completion_pool(model: Model, before_cursor: str) -> list[str]:
     """What Tab may complete here: a command first, a room name after /join, else a username."""
     words = before_cursor.split(" ")
     if len(words) == 1 and words[0].startswith("/"):
-        return list(COMMANDS)
+        return model.commands
     if len(words) == 2 and words[0].lower() == "/join":
         prefix = "#" if words[1].startswith("#") else ""
         return [prefix + name for name in sorted(set(model.rooms) | model.known_rooms)]
@@ -763,15 +815,22 @@ CLOSE_SLOW_CONSUMER = 4009
 CLOSE_REPLACED = 4010
 CLOSE_FLOODING = 4029
 
-# Closes after which we stay offline: the server ended the session on purpose
-# (a refused login, the idle timeout, a takeover by a newer connection, flooding,
-# a protocol error), so trying again at once would only be refused again. Every
-# other close we did not ask for is worth a reconnect: the server never closes
-# with 1000 on purpose (Tornado does, with "ping timed out", when we missed its
-# pings, say after the laptop slept), a 1009, 4009 or a broken link (1006, None)
-# leaves the session held for resume, and 1001 is a shutdown.
+# The reconnect rule, the same in chat.html (a test compares the two). After a close
+# we did not ask for:
+# - a broken link (1006, or no close frame at all), 1000 (the server never closes with it
+#   on purpose; Tornado does, "ping timed out", when we missed its pings, say after the
+#   laptop slept), 1001 (a shutdown, most likely a restart), 1009 and 4009: reconnect by
+#   ourselves, with growing delays, and resume the session with its token;
+# - 4004 on that resume (the server restarted, or no longer holds the session): log in
+#   afresh at once and rejoin our rooms;
+# - 4002 for a name held for resume (`held`: most likely our own dropped session): try
+#   again after `retry_after`;
+# - the rest (FINAL_CLOSE_CODES): the server ended the session on purpose, so trying again
+#   at once would only be refused again. Stay offline, say why in one sentence, and come
+#   back when the user presses Enter.
 FINAL_CLOSE_CODES = {CLOSE_PROTOCOL_ERROR, CLOSE_BAD_USERNAME, CLOSE_USERNAME_TAKEN, CLOSE_SERVER_FULL,
-                     CLOSE_BAD_TOKEN, CLOSE_ADDRESS_FULL, CLOSE_IDLE, CLOSE_REPLACED, CLOSE_FLOODING}
+                     CLOSE_ADDRESS_FULL, CLOSE_IDLE, CLOSE_REPLACED, CLOSE_FLOODING}
+SESSION_ENDED_CODES = FINAL_CLOSE_CODES | {CLOSE_SLOW_CONSUMER}  # the server keeps no session after these
 CLOSE_REASONS = {
     None: "the connection broke",
     CLOSE_NORMAL: "the server closed the connection",
@@ -786,7 +845,7 @@ CLOSE_REASONS = {
     CLOSE_ADDRESS_FULL: "too many connections come from your address",
     CLOSE_IDLE: "you were idle for too long",
     CLOSE_SLOW_CONSUMER: "the connection fell too far behind",
-    CLOSE_REPLACED: "your session was taken over by a newer connection",
+    CLOSE_REPLACED: "your session was taken over by a newer connection (another client of yours?)",
     CLOSE_FLOODING: "you kept sending after the server asked you to slow down",
 }
 HELD_MARGIN_SECONDS = 0.5  # our own name held: try again this long after the server says it is free
@@ -794,10 +853,6 @@ HELD_MARGIN_SECONDS = 0.5  # our own name held: try again this long after the se
 # What websocket_connect raises when it cannot reach a server that speaks WebSocket.
 CONNECT_ERRORS = (OSError, asyncio.TimeoutError, tornado.httpclient.HTTPClientError,
                   tornado.iostream.StreamClosedError, tornado.websocket.WebSocketError)
-
-
-class ClientError(Exception):
-    """A reason to stop before the chat starts, in one sentence for stderr."""
 
 
 @dataclass
@@ -868,11 +923,12 @@ def describe_error(error: Exception) -> str:
     return text[:1].lower() + text[1:]  # "Connection reset by peer" -> "connection reset by peer"
 
 
-def is_reply(event: dict, username: str) -> bool:
-    """Whether an event answers a line we sent: our own message's echo, or a command's reply."""
-    if event.get("type") == "message":
-        return clean(event.get("username")).lower() == username.lower() and not event.get("replayed")
-    return event.get("type") in ("joined", "rooms", "users", "help", "error")
+def duration(value: float) -> str:
+    """Seconds for people: "1 second", "10 minutes", "2 hours", "1.5 hours"."""
+    for unit, size in (("hour", 3600), ("minute", 60), ("second", 1)):
+        if value >= size or unit == "second":
+            count = round(value / size, 1)
+            return f"{count:g} {unit}{'' if count == 1 else 's'}"
 
 
 def login_url(url: str, username: str, token: str = "", last_seq: int = 0) -> str:
@@ -929,16 +985,15 @@ class Connection:
         self.ws: tornado.websocket.WebSocketClientConnection | None = None  # None while disconnected
         self.token = ""  # from welcome: a reconnect with it resumes the session
         self.logged_in = False  # welcome and its joined have arrived on the live connection
-        self.outbox: list[str] = []  # lines typed, waiting for a login or for the rate limit
+        self.outbox: list[str | asyncio.Future] = []  # lines waiting for a login or the rate limit
+        self.helps: deque[asyncio.Future | None] = deque()  # /help sent, oldest first: ours (quiet) or typed
         self.pump_timer: asyncio.TimerHandle | None = None  # set while the rate limit holds lines back
         self.rejoin: list[str] = []  # rooms of a lost session, joined again after a fresh login
-        self.unanswered = 0  # lines sent that have had no echo or reply yet
-        self.settled = asyncio.Event()  # set while nothing waits to be sent or answered
-        self.settled.set()
         self.quitting = False
         self.gave_up = False  # the server ended the session on purpose: offline until Enter (if revivable)
         self.wake_up = asyncio.Event()  # set by Enter while offline: try again
-        self.idle_notice: dict | None = None  # the server's idle notice, shown with the close that follows
+        self.idle_notice = ""  # the server's idle notice, said with the close that follows
+        self.last_close: int | None = None  # how the last connection ended
         self.connected_at = 0.0  # when the last welcome arrived (time.monotonic)
         self.quick_drops = 0  # connections in a row that ended within STABLE_SECONDS: longer delays
         self.task: asyncio.Task | None = None
@@ -968,31 +1023,54 @@ class Connection:
                 self.receive(frame)
                 return None
 
-    async def connect_first(self) -> None:
-        """Log in for the first time; raise ClientError (one clear sentence) if that fails.
+    async def connect(self, first: bool = False, at_once: bool = False) -> bool:
+        """Log in, trying again as the reconnect rule says, until we are in (True) or refused for good.
 
-        If the server holds our name for a session that dropped a moment ago (most
-        likely this client's, before a crash or a closed terminal), the name frees
-        itself when the resume grace runs out: we say so, wait, and try again.
+        first: the first login, before the chat starts: an unreachable server or a refusal
+        is a ClientError (one sentence) instead. at_once: no delay before the first attempt
+        (Enter asked for it). A server that keeps dropping us soon after each login gets
+        ever longer delays too (quick_drops), never a tight loop of reconnects.
         """
-        waited = 0.0
-        while True:
+        attempt, delay, held_for = 0, 0.0 if first or at_once else None, 0.0
+        while not self.quitting:
+            attempt += 1
+            delay = self.delay_before(attempt) if delay is None else delay
+            set_state(self.model, "reconnecting" if delay else "connecting",
+                      f"in {delay:.0f} s, attempt {attempt}" if delay else "")
+            self.show([])
+            await asyncio.sleep(delay)
+            delay = None
             try:
                 refused = await self.log_in()
             except CONNECT_ERRORS as error:
                 self.drop_socket()
-                raise ClientError(f"Cannot reach the chat server at {self.settings.url}: "
-                                  f"{describe_error(error)}.") from None
+                if first:
+                    raise ClientError(f"Cannot reach the chat server at {self.settings.url}: "
+                                      f"{describe_error(error)}.") from None
+                continue
             if refused is None:
-                return
+                return True
             wait = held_wait(refused)
-            if not wait or waited + wait > HELD_WAIT_LIMIT_SECONDS:
+            if refused.close_code == CLOSE_BAD_TOKEN:
+                self.forget_session()
+                attempt, delay = 0, 0.0  # a fresh login, at once
+            elif wait and held_for + wait <= HELD_WAIT_LIMIT_SECONDS:
+                self.tell_held(wait, first)
+                held_for, delay = held_for + wait, wait
+            elif first:
                 raise ClientError(f"The server refused {self.settings.username!r}: {refused.text}")
-            print(f"client.py: {self.settings.username!r} is held for a session that dropped a moment "
-                  f"ago, probably yours. Trying again when the name is free, in {wait:.0f} s "
-                  "(Ctrl-C gives up).", file=sys.stderr, flush=True)
-            await asyncio.sleep(wait)
-            waited += wait
+            elif not should_reconnect(refused.close_code, after_shutdown=True):
+                return self.give_up(refused.close_code, refused.text)
+        return False
+
+    def tell_held(self, wait: float, first: bool) -> None:
+        """Our name is held for a session that dropped (most likely ours): we wait for it, and say so."""
+        text = (f"{self.settings.username!r} is held for a session that dropped a moment ago, probably "
+                f"yours. Trying again when the name is free, in {wait:.0f} s")
+        if first:  # the screen is not ours yet
+            print(f"client.py: {text} (Ctrl-C gives up).", file=sys.stderr, flush=True)
+        else:
+            self.show([note(self.model, f"{text}.")])
 
     # -- the life of a session --
 
@@ -1001,7 +1079,7 @@ class Connection:
         self.task = asyncio.create_task(self.run())
 
     async def run(self) -> None:
-        """Read events until the link closes; reconnect while that makes sense.
+        """Read events until the link closes; reconnect as the rule says.
 
         Only our own close (/quit) ends it, or going offline when nobody can press
         Enter (plain mode over pipes).
@@ -1012,73 +1090,30 @@ class Connection:
                 if frame is None:
                     break
                 self.receive(frame)
-            close_code, reason = self.ws.close_code, self.ws.close_reason or ""
+            self.last_close, reason = self.ws.close_code, self.ws.close_reason or ""
             self.lose_connection()
             self.count_drop(time.monotonic())
-            idle_notice, self.idle_notice = self.idle_notice, None
             if self.quitting:
                 return
-            if should_reconnect(close_code, self.reconnect_after_shutdown):
-                if idle_notice:
-                    self.show(apply_event(self.model, idle_notice))
-                self.show([note(self.model, f"Disconnected: {describe_close(close_code, reason)}. "
+            if should_reconnect(self.last_close, self.reconnect_after_shutdown):
+                self.show([note(self.model, f"Disconnected: {describe_close(self.last_close, reason)}. "
                                             "Reconnecting...", kind="error")])
-                back = await self.reconnect()
-            else:  # the server's idle notice says it best, with the time: one line, not two
-                notice = clean(idle_notice.get("text")) if idle_notice and close_code == CLOSE_IDLE else ""
-                self.give_up(describe_close(close_code, reason), notice)
-                back = False
+                back = await self.connect()
+            else:
+                back = self.give_up(self.last_close, self.offline_text(self.last_close, reason))
             while not back:  # offline: Enter (wake) tries again
                 if self.quitting or not self.revivable:
                     return
                 await self.wake_up.wait()
                 self.wake_up.clear()
                 self.gave_up = False
-                back = await self.reconnect(at_once=True)
+                back = await self.connect(at_once=True)
 
     def wake(self) -> None:
         """Enter while offline: try to connect again now (resuming with the token, if we have one)."""
         if self.gave_up and self.revivable:
             self.gave_up = False
             self.wake_up.set()
-
-    async def reconnect(self, at_once: bool = False) -> bool:
-        """Try again after growing, jittered delays until logged in; False if refused for good.
-
-        at_once: the first attempt goes without a delay (the user asked for it).
-        A server that keeps dropping us soon after each login gets ever longer
-        delays too (quick_drops), never a tight loop of reconnects.
-        """
-        attempt, held = 0, 0.0  # held: the wait the server asked for, when our own name is held
-        while not self.quitting:
-            attempt += 1
-            if at_once and attempt == 1:
-                set_state(self.model, "connecting")
-                self.show([])
-            else:
-                delay = held or self.delay_before(attempt)
-                set_state(self.model, "reconnecting", f"in {delay:.0f} s, attempt {attempt}")
-                self.show([])
-                await asyncio.sleep(delay)
-            try:
-                refused = await self.log_in()
-            except CONNECT_ERRORS:
-                self.drop_socket()
-                held = 0.0
-                continue
-            if refused is None:
-                return True
-            held = held_wait(refused)
-            if refused.close_code == CLOSE_BAD_TOKEN:
-                self.forget_session()
-                attempt = 0
-            elif held:  # our previous session, still held: its name frees itself soon
-                self.show([note(self.model, f"Your name is still held for the session that dropped; "
-                                            f"trying again in {held:.0f} s.")])
-            elif not should_reconnect(refused.close_code, after_shutdown=True):
-                self.give_up(refused.text)
-                return False
-        return False
 
     def count_drop(self, now: float) -> None:
         """A connection ended: count it if it ended soon after its login, else start counting afresh."""
@@ -1095,67 +1130,101 @@ class Connection:
         self.ws = None
 
     def forget_session(self) -> None:
-        """The server no longer knows our token (it restarted?): log in afresh, then rejoin our rooms."""
+        """The server does not know our token: log in afresh, then rejoin our rooms; say so in every room.
+
+        After a close that ended the session on purpose (idle, say) that is no news, and
+        no restart: only a resume that found nothing means the server forgot us.
+        """
         self.token = ""
         self.rejoin = rejoin_order(list(self.model.rooms), self.model.room)
         rooms = ", ".join(f"#{name}" for name in self.rejoin)
-        then = f", then rejoining {rooms}" if rooms else ""
-        text = (f"The server no longer knows this session (did it restart?): "
-                f"logging in afresh as {self.model.username}{then}.")
+        afresh = f"logging in afresh as {self.model.username}" + (f", then rejoining {rooms}" if rooms else "")
+        if self.last_close in SESSION_ENDED_CODES:
+            text = afresh[0].upper() + afresh[1:] + "."
+        else:
+            text = f"The server no longer knows this session (it restarted, or the session expired): {afresh}."
         lines = [add_line(self.model, Line("error", text, local_time(), room=name))
                  for name in list(self.model.rooms)]
         self.show(lines[:1])  # in every room, so it is there whichever one we end up in; printed once
 
     def lose_connection(self) -> None:
-        """Forget the closed connection; lines sent on it will get no reply now."""
-        self.ws, self.logged_in, self.unanswered = None, False, 0
-        self.update_settled()
+        """Forget the closed connection; a /help sent on it will get no answer now."""
+        self.ws, self.logged_in = None, False
+        for asked in self.helps:
+            if asked is not None and not asked.done():
+                asked.set_result(False)
+        self.helps.clear()
 
-    def give_up(self, reason: str, text: str = "") -> None:
-        """The server ended the session on purpose: say so (text, else the reason), and stay offline."""
+    def offline_text(self, close_code: int | None, reason: str) -> str:
+        """The sentence that says why the server ended the session (the idle time from welcome's limits)."""
+        notice, self.idle_notice = self.idle_notice, ""
+        if close_code == CLOSE_IDLE and self.model.idle_seconds:
+            return f"You were disconnected after {duration(self.model.idle_seconds)} without typing."
+        if close_code == CLOSE_IDLE and notice:
+            return notice
+        return f"Disconnected: {describe_close(close_code, reason)}."
+
+    def give_up(self, close_code: int | None, text: str) -> bool:
+        """The server ended the session on purpose: say why in one line, and stay offline (False)."""
         self.gave_up = True
-        set_state(self.model, "offline", reason)
-        text = text or f"Disconnected: {reason}."
-        if self.revivable:
+        set_state(self.model, "offline", describe_close(close_code))
+        if self.revivable and close_code != CLOSE_BAD_USERNAME:  # a refused name stays refused
             text += " Press Enter to reconnect, or /quit to leave."
         self.show([note(self.model, text, kind="error")])
+        return False
 
     # -- frames in and out --
 
     def receive(self, frame: str | bytes) -> None:
-        """One frame from the server: update the token, the reply count and the model."""
+        """One frame from the server: update the token, answer our questions, fold it into the model."""
         event = parse_event(frame)
         kind = event.get("type")
         if kind == "system" and event.get("event") == "idle":
-            self.idle_notice = event  # a close follows: shown with it, as one line
+            self.idle_notice = clean(event.get("text"))  # a close follows: said with it, as one line
             return
         if kind == "welcome":
             self.token = clean(event.get("token"))  # a new one each time: a token works once
             self.connected_at = time.monotonic()
         elif kind == "joined" and not self.logged_in:
-            self.logged_in = True  # the joined after welcome: now lines go in order
-            self.outbox[:0], self.rejoin = [f"/join {name}" for name in self.rejoin], []
+            self.logged_in = True  # the joined after welcome: now lines go in order, our question first
+            question = asyncio.get_running_loop().create_future()
+            self.outbox[:0] = [question] + [f"/join {name}" for name in self.rejoin]
+            self.rejoin = []
             self.pump()
-        elif is_reply(event, self.model.username):
-            self.unanswered = max(0, self.unanswered - 1)
-        lines = apply_event(self.model, event)
-        self.update_settled()
-        self.show(lines)
+        elif kind == "help" and self.helps:
+            asked = self.helps.popleft()
+            if asked is not None:  # the answer to our own question: learn the commands, show nothing
+                on_help(self.model, event, quiet=True)
+                asked.done() or asked.set_result(True)
+                return
+        self.show(apply_event(self.model, event))
 
-    def send(self, line: str) -> None:
+    def ask(self) -> asyncio.Future:
+        """Send a quiet /help after the lines already queued; the future is done when it is answered.
+
+        The server answers a connection's lines in order, so by then every line queued
+        before it has had its echo or reply: one round trip, whatever was sent.
+        """
+        question = asyncio.get_running_loop().create_future()
+        self.send(question)
+        return question
+
+    def send(self, line: str | asyncio.Future) -> None:
         """Queue a typed line; it goes out as soon as we are logged in and the rate allows."""
         self.outbox.append(line)
         self.pump()
 
-    def write(self, line: str) -> None:
-        """Put one line on the wire; count it until its reply arrives."""
+    def write(self, line: str | asyncio.Future) -> None:
+        """Put one line on the wire (our own question goes as /help, its answer awaited in order)."""
+        text = line if isinstance(line, str) else "/help"
+        if text.split(" ")[0].lower() == "/help":
+            self.helps.append(None if isinstance(line, str) else line)
         try:
-            written = self.ws.write_message(line)
+            written = self.ws.write_message(text)
         except tornado.websocket.WebSocketClosedError:
             return  # run() sees the close and reconnects
         # A failed write means the link is gone; run() notices that and reconnects.
         written.add_done_callback(lambda future: future.cancelled() or future.exception())
-        self.unanswered += 1
 
     def pump(self) -> None:
         """Send queued lines, in order, as fast as the server's rate limit allows."""
@@ -1165,19 +1234,11 @@ class Connection:
                 self.pump_timer = asyncio.get_running_loop().call_later(delay, self.pump_later)
                 break
             self.write(self.outbox.pop(0))
-        self.update_settled()
 
     def pump_later(self) -> None:
         """Timer callback: the rate allows another line now."""
         self.pump_timer = None
         self.pump()
-
-    def update_settled(self) -> None:
-        """Mark whether every line typed so far has been sent and answered."""
-        if self.outbox or self.unanswered:
-            self.settled.clear()
-        else:
-            self.settled.set()
 
     async def close(self) -> None:
         """Leave with a normal close frame (the server frees the name at once), then stop."""
@@ -1247,6 +1308,22 @@ class Printer:
             self.pending = []
 
 
+# Signals that mean "leave, as /quit does": Ctrl-C, a polite kill, the terminal window
+# closing (SIGHUP), Ctrl-Break on Windows; one a system lacks is skipped. (A Windows console
+# window that closes sends CTRL_CLOSE_EVENT, which Python's signal module cannot catch: the
+# server then sees a vanished client and holds the session for its resume grace.)
+LEAVING_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK")
+
+
+def hand_over(loop: asyncio.AbstractEventLoop, *call) -> bool:
+    """From another thread or a signal handler: run call on the loop, soon; False if the loop has closed."""
+    try:
+        loop.call_soon_threadsafe(*call)
+        return True
+    except RuntimeError:
+        return False  # the loop has closed: the client is already on its way out
+
+
 class SignalWatch:
     """Signals turned into calls on the loop, on every platform; close() puts things back.
 
@@ -1270,17 +1347,10 @@ class SignalWatch:
             self.loop.add_signal_handler(number, callback)
             self.undo.append(lambda: self.loop.remove_signal_handler(number))
         except NotImplementedError:
-            previous = signal.signal(number, lambda *_: self.hand_over(callback))
+            previous = signal.signal(number, lambda *_: hand_over(self.loop, callback))
             restore = previous if previous is not None else signal.SIG_DFL
             self.undo.append(lambda: signal.signal(number, restore))
         return True
-
-    def hand_over(self, callback: Callable[[], None]) -> None:
-        """In a signal handler: run callback on the loop, soon (unless the loop has closed)."""
-        try:
-            self.loop.call_soon_threadsafe(callback)
-        except RuntimeError:
-            pass  # the loop has closed: the client is already on its way out
 
     def close(self) -> None:
         """Stop watching: each signal does what it did before."""
@@ -1298,23 +1368,16 @@ def read_stdin_in_thread(loop: asyncio.AbstractEventLoop, on_line: Callable[[str
     that lock is held when the client exits. (On a Windows console that stream
     gives UTF-8, as a pipe does here.)
     """
-    def schedule(*call) -> None:
-        """Hand a call to the loop's thread."""
-        try:
-            loop.call_soon_threadsafe(*call)
-        except RuntimeError:
-            pass  # the loop has closed: the client is already on its way out
-
     def read() -> None:
         """The thread: split what stdin gives into lines, until it ends."""
         decoder, pending = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
         for chunk in iter(lambda: raw_stdin.read(65536), b""):
             *lines, pending = (pending + decoder.decode(chunk)).split("\n")
             for line in lines:
-                schedule(on_line, line.removesuffix("\r"))
+                hand_over(loop, on_line, line.removesuffix("\r"))
         if pending:
-            schedule(on_line, pending)  # a last line without a newline still counts
-        schedule(on_end)
+            hand_over(loop, on_line, pending)  # a last line without a newline still counts
+        hand_over(loop, on_end)
 
     raw_stdin = sys.stdin.buffer.raw
     threading.Thread(target=read, name="stdin", daemon=True).start()
@@ -1328,7 +1391,7 @@ async def run_plain(settings: Settings) -> int:
     printer = Printer()
     connection = Connection(settings, model, printer.show, reconnect_after_shutdown=interactive,
                             revivable=interactive)
-    await connection.connect_first()
+    await connection.connect(first=True)
     connection.start()
     finished = asyncio.Event()  # end of input, /quit or Ctrl-C
 
@@ -1352,7 +1415,7 @@ async def run_plain(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     read_stdin_in_thread(loop, on_line, finished.set)
     signals = SignalWatch(loop)
-    for name in ("SIGINT", "SIGBREAK"):  # Ctrl-C; and Ctrl-Break, on Windows
+    for name in LEAVING_SIGNALS:
         signals.on(name, finished.set)
     try:
         return await finish_plain(connection, finished)
@@ -1371,8 +1434,9 @@ async def finish_plain(connection: Connection, finished: asyncio.Event) -> int:
         return 1
     rate = connection.model.rate
     pacing_seconds = len(connection.outbox) / rate.per_second if rate else 0.0  # still queued
-    try:  # the lines we sent deserve their echoes before we go
-        await asyncio.wait_for(connection.settled.wait(), REPLY_WAIT_SECONDS + pacing_seconds)
+    try:  # the lines we sent deserve their echoes before we go: one round trip says they came
+        if not connection.gave_up:
+            await asyncio.wait_for(connection.ask(), REPLY_WAIT_SECONDS + pacing_seconds)
     except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
         print("! Some lines got no reply from the server in time.", file=sys.stderr)
     await connection.close()
@@ -1386,8 +1450,12 @@ async def finish_plain(connection: Connection, finished: asyncio.Event) -> int:
 # and frames come at most FRAMES_PER_SECOND times a second (section 9): a busy
 # room costs a few rows per frame, not a screen per message.
 
-SIDEBAR_COLUMNS = 22  # shown when the terminal is at least WITH_SIDEBAR_COLUMNS wide
-WITH_SIDEBAR_COLUMNS = 60
+# The sidebar shows by itself from WITH_SIDEBAR_COLUMNS on; a narrower terminal (80x24 is
+# common) gives all its width to the messages, and F2 brings a narrower sidebar back.
+SIDEBAR_COLUMNS = 22
+WITH_SIDEBAR_COLUMNS = 100
+NARROW_SIDEBAR_COLUMNS = 16  # the sidebar asked for (F2) on a narrower terminal ...
+MIN_SIDEBAR_COLUMNS = 40  # ... that is at least this wide
 MIN_COLUMNS, MIN_ROWS = 20, 5
 TIME_COLUMNS = 8  # HH:MM:SS
 MARKS = {"join": "-->", "leave": "<--", "system": "--", "info": "--", "error": "!!"}
@@ -1400,11 +1468,15 @@ class Layout:
 
     width: int
     height: int
+    wants_sidebar: bool | None = None  # F2's choice; None: by the width
 
     @property
     def sidebar(self) -> int:
-        """Columns of the sidebar; 0 hides it on a narrow terminal."""
-        return SIDEBAR_COLUMNS if self.width >= WITH_SIDEBAR_COLUMNS else 0
+        """Columns of the sidebar: on a wide terminal, or when F2 asked for it; else 0, hidden."""
+        wide = self.width >= WITH_SIDEBAR_COLUMNS
+        if not (wide if self.wants_sidebar is None else self.wants_sidebar) or self.width < MIN_SIDEBAR_COLUMNS:
+            return 0
+        return SIDEBAR_COLUMNS if wide else NARROW_SIDEBAR_COLUMNS
 
     @property
     def messages(self) -> int:
@@ -1504,13 +1576,17 @@ def username_style(term: blessed.Terminal, username: str) -> Callable[[str], str
     return term.color(username_colour(username, palette))
 
 
-def header(term: blessed.Terminal, model: Model, width: int) -> str:
-    """The top row: current room, your name and the server; the connection state on the right."""
+def header(term: blessed.Terminal, model: Model, layout: Layout) -> str:
+    """The top row: current room, your name (without the sidebar: how many are here) and the server;
+    the connection state on the right."""
+    width = layout.width
     state = f" {model.state}" + (f": {model.state_detail} " if model.state_detail else " ")
     state = clip(state, max(width // 2, 0))
     colour = {"connected": term.black_on_green, "offline": term.white_on_red}.get(
         model.state, term.black_on_yellow)
-    title = f" #{model.room} · {model.username} · {model.server}"
+    count = current_room(model).user_count
+    here = "" if layout.sidebar else f" · {count} user{'' if count == 1 else 's'} here"
+    title = f" #{model.room} · {model.username}{here} · {model.server}"
     return paint([(term.reverse, fit(title, width - text_width(state))), (colour, state)], width)
 
 
@@ -1578,19 +1654,40 @@ def sidebar(term: blessed.Terminal, model: Model, layout: Layout) -> list[str]:
     return [dim(term)("│") + " " + entry for entry in entries]
 
 
+def fitting(parts: list[tuple[int, str]], width: int, separator: str = " · ") -> str:
+    """As many of the (rank, text) parts as fit in width, in their order; the highest ranks go first."""
+    ranks = sorted(rank for rank, _ in parts)
+    while ranks:
+        text = separator.join(part for rank, part in parts if rank <= ranks[-1])
+        if text_width(text) <= width:
+            return text
+        ranks.pop()
+    return ""
+
+
+# The status bar's hints, ranked: on a narrow terminal the highest ranks are left out.
+HINTS = [(3, "Enter sends"), (4, "Tab completes"), (5, "PgUp/PgDn scroll"), (2, "F2 rooms & users"),
+         (1, "/help lists commands"), (0, "/quit leaves")]
+
+
 def status_bar(term: blessed.Terminal, model: Model, layout: Layout, scroll: int) -> str:
-    """The row above the input: scrolled up (and new messages below), unread rooms (no sidebar), or hints."""
-    room, style = current_room(model), term.reverse
+    """The row above the input: scrolled up (and new messages below), unread rooms (no sidebar), or hints.
+
+    Each is written to fit the width: what does not fit is left out whole, never cut mid-word.
+    """
+    room, style, width = current_room(model), term.reverse, layout.width - 1
     if scroll or room.lines_below:
         news = room.new_below
-        below = f"{news} new message{'s' if news != 1 else ''} below · " if news else ""
-        text = f" -- scrolled up: {below}PgDn goes back down --"
+        below = [(2, f"{news} new message{'s' if news != 1 else ''} below")] if news else []
+        text = "-- " + fitting([(0, "scrolled up")] + below + [(1, "PgDn goes back down --")], width - 3)
+        text = text.replace("up · ", "up: ")
         style = term.black_on_yellow if news else style
     elif not layout.sidebar and any(room.unread for room in model.rooms.values()):
-        text = " unread: " + ", ".join(f"#{r.name} {r.unread}" for r in model.rooms.values() if r.unread)
+        unread = [r for r in model.rooms.values() if r.unread]
+        text = "unread: " + fitting(list(enumerate(f"#{r.name} {r.unread}" for r in unread)), width - 8, ", ")
     else:
-        text = " Enter sends · Tab completes · PgUp/PgDn scroll · /help lists commands · /quit leaves"
-    return paint([(style, fit(text, layout.width))], layout.width)
+        text = fitting([hint for hint in HINTS if layout.sidebar == 0 or hint[0] != 2], width)
+    return paint([(style, fit(" " + text, layout.width))], layout.width)
 
 
 def input_window(text: str, cursor: int, width: int) -> tuple[str, str, str]:
@@ -1637,7 +1734,7 @@ def draw_screen(term: blessed.Terminal, model: Model, layout: Layout) -> Frame:
         return Frame(layout, {(0, 0): "Terminal too small."}, (0, 0), 0)
     messages, scroll = message_area(term, model, layout)
     side = sidebar(term, model, layout)
-    pieces = {(0, 0): header(term, model, layout.width)}
+    pieces = {(0, 0): header(term, model, layout)}
     for y in range(layout.body):
         pieces[(1 + y, 0)] = messages[y]
         if layout.sidebar:
@@ -1680,6 +1777,7 @@ class SplitView:
         self.may_draw = asyncio.Event()  # set a frame's time after each redraw, or at once by a key
         self.shown: Frame | None = None  # what the terminal shows; None: unknown, so repaint it all
         self.page_rows = 1  # message rows at the last redraw, for PgUp/PgDn
+        self.wants_sidebar: bool | None = None  # F2's choice; None: the sidebar shows on a wide terminal
         self.done = asyncio.Event()  # /quit, Ctrl-C or Ctrl-D
         # The terminal as the shell had it, for Ctrl-Z (where there is such a thing).
         self.shell_modes = termios.tcgetattr(sys.stdin.fileno()) if CAN_SUSPEND else None
@@ -1692,15 +1790,18 @@ class SplitView:
 
     def redraw(self) -> None:
         """Bring the screen up to date with the model, writing only what changed."""
-        layout = Layout(self.term.width, self.term.height)
+        layout = self.layout()
         frame = draw_screen(self.term, self.model, layout)
         current_room(self.model).scroll_rows = frame.scroll  # scrolling stops at the oldest line
         self.page_rows = max(layout.body, 1)
         output = frame_output(self.term, self.shown, frame)
         self.shown = frame
-        if output:
-            self.term.stream.write(output)
-            self.term.stream.flush()
+        try:
+            if output:
+                self.term.stream.write(output)
+                self.term.stream.flush()
+        except OSError:  # the terminal has gone (its window closed): leave, as SIGHUP says too
+            self.quit()
 
     async def draw_forever(self) -> None:
         """Redraw when the model changed, at most FRAMES_PER_SECOND times a second.
@@ -1757,6 +1858,8 @@ class SplitView:
                 readable.clear()
                 for key in iter(lambda: self.term.inkey(timeout=0, esc_delay=ESC_DELAY_SECONDS), ""):
                     self.on_key(key)
+        except (EOFError, OSError):  # the terminal has gone (its window closed)
+            self.quit()
         finally:
             loop.remove_reader(keyboard)
 
@@ -1768,22 +1871,15 @@ class SplitView:
         """
         loop, stop = asyncio.get_running_loop(), threading.Event()
 
-        def hand_over(*call) -> None:
-            """Run a call on the loop's thread (unless the loop has closed)."""
-            try:
-                loop.call_soon_threadsafe(*call)
-            except RuntimeError:
-                stop.set()  # the loop has closed: the client is on its way out
-
         def read() -> None:
-            """The thread: wait for a keystroke, pass it on, until told to stop."""
+            """The thread: wait for a keystroke, pass it on, until told to stop (or the loop has closed)."""
             while not stop.is_set():
                 try:
                     key = self.term.inkey(timeout=KEY_WAIT_SECONDS, esc_delay=ESC_DELAY_SECONDS)
-                except EOFError:  # the terminal has gone
-                    return hand_over(self.quit)
-                if key:
-                    hand_over(self.on_key, key)
+                except (EOFError, OSError):  # the terminal has gone
+                    return hand_over(loop, self.quit)
+                if key and not hand_over(loop, self.on_key, key):
+                    return
 
         reader = threading.Thread(target=read, name="keys", daemon=True)
         reader.start()
@@ -1839,8 +1935,16 @@ class SplitView:
 
     def scroll(self, pages: int) -> None:
         """PgUp/PgDn: scroll the current room by (almost) a page."""
-        width = Layout(self.term.width, self.term.height).text
+        width = self.layout().text
         scroll_view(current_room(self.model), pages * max(self.page_rows - 2, 1), width)
+
+    def layout(self) -> Layout:
+        """The layout for the terminal's size now (and F2's choice)."""
+        return Layout(self.term.width, self.term.height, self.wants_sidebar)
+
+    def toggle_sidebar(self) -> None:
+        """F2 (or Ctrl-G): hide the sidebar if it shows, show it if it is hidden."""
+        self.wants_sidebar = not self.layout().sidebar
 
     def switch_room(self, step: int) -> None:
         """Ctrl-N/Ctrl-P: make the next/previous of your rooms current (a /join to the server)."""
@@ -1872,7 +1976,7 @@ class SplitView:
         the terminal modes are context managers, so the terminal is restored first.
         """
         signals = SignalWatch(asyncio.get_running_loop())  # handlers run on the loop, between callbacks
-        for name in ("SIGINT", "SIGTERM", "SIGBREAK"):  # SIGBREAK: Ctrl-Break, on Windows
+        for name in LEAVING_SIGNALS:
             signals.on(name, self.quit)
         if CAN_SUSPEND:
             signals.on("SIGTSTP", self.suspend)
@@ -1894,7 +1998,7 @@ class SplitView:
             if helpers:
                 await asyncio.wait(helpers)  # the key reader has stopped before the terminal is restored
             signals.close()
-        await self.connection.close()
+            await self.connection.close()  # a goodbye even after a crash, or with the terminal gone
 
 
 def ctrl(letter: str) -> str:
@@ -1922,6 +2026,8 @@ KEY_ACTIONS: dict[str, Callable[[SplitView], None]] = {
     "KEY_PGDOWN": lambda view: view.scroll(-1),
     ctrl("n"): lambda view: view.switch_room(1),
     ctrl("p"): lambda view: view.switch_room(-1),
+    "KEY_F2": SplitView.toggle_sidebar,
+    ctrl("g"): SplitView.toggle_sidebar,
     ctrl("l"): SplitView.repaint,
     ctrl("d"): SplitView.quit_if_empty,
     ctrl("c"): SplitView.quit,  # a terminal usually turns Ctrl-C into SIGINT; where it arrives as a key
@@ -1952,7 +2058,7 @@ async def run_split(settings: Settings) -> int:
     model = Model(settings.url, settings.username)
     view = SplitView(term, model)
     view.connection = Connection(settings, model, view.show, reconnect_after_shutdown=True, revivable=True)
-    await view.connection.connect_first()  # before the screen changes: errors print plainly
+    await view.connection.connect(first=True)  # before the screen changes: errors print plainly
     handler = LogToMessageArea(view)
     logging.getLogger().addHandler(handler)
     try:
@@ -1968,9 +2074,9 @@ async def run_split(settings: Settings) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Pick the mode and run it; a failure to start is one sentence on stderr and exit code 1."""
-    settings = parse_settings(argv)
-    plain = settings.plain or not (sys.stdin.isatty() and sys.stdout.isatty())
     try:
+        settings = parse_settings(argv)
+        plain = settings.plain or not (sys.stdin.isatty() and sys.stdout.isatty())
         return asyncio.run(run_plain(settings) if plain else run_split(settings))
     except ClientError as error:
         print(f"client.py: {error}", file=sys.stderr)

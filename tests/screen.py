@@ -227,7 +227,7 @@ class ScriptedServer:
     """A stand-in chat server in a thread: every login gets the events a test scripts.
 
     It echoes each line back as a message from the logged-in user, as chat.py does,
-    so a plain-mode client knows its line arrived. Tests use it to send what the
+    and answers /help with HELP_EVENT (the client asks for it after logging in). Tests use it to send what the
     real server never would (control characters, say), or a refusal the real one
     sends only in a situation that is slow to set up. The first logins get the
     `refusals` (each an error event, then a close with `refusal_close`), one each.
@@ -263,7 +263,10 @@ class ScriptedServer:
                     self.write_message(json.dumps(event))
 
             def on_message(self, line: str) -> None:
-                """Echo the line, as chat.py would."""
+                """Echo the line, as chat.py would; answer /help."""
+                if line == "/help":
+                    self.write_message(json.dumps(HELP_EVENT))
+                    return
                 echo = {"type": "message", "timestamp": "2026-11-25T19:48:04.123Z", "room": "lobby",
                         "username": events[0]["username"], "text": line}
                 self.write_message(json.dumps(echo))
@@ -285,13 +288,21 @@ class ScriptedServer:
 HOSTILE = "\x1b[2J\x1b]0;PWNED\x07\x9b31m\u202eevil\x7f"
 HOSTILE_EVENTS = [
     {"type": "welcome", "username": "carol" + HOSTILE, "room": "lobby", "rooms": ["lobby", "x" + HOSTILE],
-     "token": "t", "limits": {"max_message_chars": 500}},
+     "token": "t", "limits": {"max_message_length": 500}},
     {"type": "joined", "room": "lobby", "users": ["bob" + HOSTILE, "carol"], "user_count": 2},
     {"type": "message", "timestamp": HOSTILE, "username": "bob" + HOSTILE, "room": "lobby", "text": "hi " + HOSTILE},
     {"type": "system", "timestamp": "2026-11-25T19:48:04Z", "text": "notice " + HOSTILE, "room": "lobby"},
     {"type": "error", "code": "bad" + HOSTILE, "text": "refused " + HOSTILE},
     {"type": "rooms", "rooms": [{"name": "r" + HOSTILE, "users": HOSTILE}]},
 ]
+
+
+# The reply to /help of a server whose command table has a command chat.py does not (a student's).
+HELP_EVENT = {"type": "help", "commands": [
+    {"usage": "/join <room>", "description": "join (or create) a room"},
+    {"usage": "/help", "description": "show this list of commands"},
+    {"usage": "/topic <text>", "description": "set the room's topic"},
+]}
 
 
 # A plain login as carol, for a scripted server.

@@ -39,7 +39,7 @@ def logged_in(username: str = "carol", rooms=("lobby",), room: str = "lobby") ->
     """A model after welcome and joined: carol in the lobby, with alice and bob there too."""
     model = Model("ws://localhost:8888/ws", username)
     apply_event(model, {"type": "welcome", "username": username, "room": room, "rooms": list(rooms),
-                        "token": "t" * 32, "limits": {"max_message_chars": 500}})
+                        "token": "t" * 32, "limits": {"max_message_length": 500}})
     apply_event(model, {"type": "joined", "room": room, "users": ["alice", "bob", username], "user_count": 3})
     return model
 
@@ -48,6 +48,72 @@ def message(room: str, text: str, username: str = "bob", **extra) -> dict:
     """A message event, as the server sends it."""
     return {"type": "message", "timestamp": "2026-11-25T19:48:04.123Z", "username": username,
             "room": room, "text": text, **extra}
+
+
+# ---- 1. Settings -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag, address, url", [
+    ("--host", "localhost", "ws://localhost:8888/ws"),
+    ("--host", "192.168.1.20", "ws://192.168.1.20:8888/ws"),
+    ("--host", "127.0.0.1:9000", "ws://127.0.0.1:9000/ws"),  # HOST:PORT
+    ("--host", "http://127.0.0.1:8888/", "ws://127.0.0.1:8888/ws"),  # the page's address, pasted
+    ("--host", "https://chat.example.org/", "wss://chat.example.org/ws"),  # a URL's own port: 443
+    ("--host", "ws://127.0.0.1:8888/ws", "ws://127.0.0.1:8888/ws"),
+    ("--host", " Laptop.local ", "ws://laptop.local:8888/ws"),
+    ("--host", "[::1]:9000", "ws://[::1]:9000/ws"),  # IPv6 in brackets
+    ("--host", "[::1]", "ws://[::1]:8888/ws"),
+    ("--host", "::1", "ws://[::1]:8888/ws"),  # a bare IPv6 address gets its brackets
+    ("--url", "ws://127.0.0.1:8888", "ws://127.0.0.1:8888/ws"),  # /ws is added to a URL without a path
+    ("--url", "ws://127.0.0.1:8888/", "ws://127.0.0.1:8888/ws"),
+    ("--url", "wss://host/chat/ws?x=1", "wss://host/chat/ws?x=1"),  # a path behind a proxy is kept
+    ("--url", "http://127.0.0.1:8888/", "ws://127.0.0.1:8888/ws"),
+])
+def test_the_server_address_is_read_in_every_form_people_paste(flag, address, url):
+    """HOST, HOST:PORT, [IPv6]:PORT, http(s):// and ws(s):// URLs all name the same server."""
+    assert client.server_url(flag, address, None if flag == "--url" else 8888) == url
+
+
+@pytest.mark.parametrize("address", [
+    "", "a b", "ftp://host/", "host:abc", "host:99999", "http://:8888/", "alice@host", "[::1", "#lobby",
+])
+def test_anything_else_is_one_sentence_naming_the_flag_and_the_value(address):
+    """A mistake is a ClientError with one sentence (main prints it), never a traceback."""
+    with pytest.raises(client.ClientError) as refused:
+        client.server_url("--host", address, 8888)
+    assert str(refused.value).startswith(f"--host {address!r} is not a server address") and "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("value, port", [("9000", 9000), ("1", 1), ("65535", 65535), (None, 8888)])
+def test_chat_port_is_read_as_the_server_reads_it(monkeypatch, value, port):
+    """CHAT_PORT sets the default port, as for chat.py."""
+    if value is None:
+        monkeypatch.delenv("CHAT_PORT", raising=False)
+    else:
+        monkeypatch.setenv("CHAT_PORT", value)
+    assert client.default_port() == port
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "65536", "-1", "²", "８８８８", " 8888", ""])
+def test_a_chat_port_that_is_no_port_number_is_refused_in_the_servers_words(monkeypatch, value):
+    """chat.py's rule and sentence: a whole number 1-65535 in plain ASCII digits."""
+    monkeypatch.setenv("CHAT_PORT", value)
+    with pytest.raises(client.ClientError) as refused:
+        client.default_port()
+    assert str(refused.value) == f"CHAT_PORT must be a port number (1-65535), not {value!r}."
+    assert not chat.is_port_number(value)
+
+
+@pytest.mark.parametrize("argv, url", [
+    (["carol"], "ws://localhost:8888/ws"),
+    (["carol", "--host", "10.0.0.5", "--port", "9000"], "ws://10.0.0.5:9000/ws"),
+    (["carol", "--host", "10.0.0.5:9001", "--port", "9000"], "ws://10.0.0.5:9001/ws"),  # the address's port wins
+    (["carol", "--url", "ws://h:1", "--host", "ignored"], "ws://h:1/ws"),
+])
+def test_the_command_line_gives_the_url(monkeypatch, argv, url):
+    """--url beats --host; a port in --host beats --port."""
+    monkeypatch.delenv("CHAT_PORT", raising=False)
+    assert client.parse_settings(argv).url == url
 
 
 # ---- 2. Safe text ----------------------------------------------------------------
@@ -288,13 +354,16 @@ def test_a_resume_says_how_many_messages_follow_and_how_many_were_lost(extra, se
     assert [line.kind for line in lines] == ["info", "error"][:len(sentences)]
 
 
-@pytest.mark.parametrize("limits", [{"max_message_length": 140}, {"max_message_chars": 140}])
-def test_the_length_limit_is_read_under_its_name_or_its_old_one(limits):
-    """welcome.limits.max_message_length (older servers: max_message_chars) sets the n/limit counter."""
+@pytest.mark.parametrize("limits, length, idle", [
+    ({"max_message_length": 140, "idle_timeout": 7200}, 140, 7200.0),
+    ({"max_message_chars": 140, "idle_timeout_seconds": 600}, 0, 0.0),  # the old names are gone
+])
+def test_the_limits_are_read_under_their_names(limits, length, idle):
+    """welcome.limits.max_message_length sets the n/limit counter, idle_timeout the idle sentence."""
     model = Model("ws://x/ws", "carol")
     apply_event(model, {"type": "welcome", "username": "carol", "rooms": ["lobby"], "token": "t",
                         "limits": limits})
-    assert model.limit_chars == 140
+    assert (model.limit_chars, model.idle_seconds) == (length, idle)
 
 
 def test_control_characters_in_any_field_never_reach_the_model():
@@ -422,8 +491,12 @@ def test_enter_hands_over_the_line_and_clears_it():
     assert line.take() == "hi there" and line.text == "" and line.history == ["hi there"]
 
 
+HELP = {"type": "help", "commands": [{"usage": "/join <room>", "description": "join a room"},
+                                    {"usage": "/topic <text>", "description": "a student's new command"}]}
+
+
 @pytest.mark.parametrize("before, pool", [
-    ("/jo", list(client.COMMANDS)),
+    ("/jo", ["/join", "/quit", "/topic"]),
     ("/join gen", ["general", "lobby"]),
     ("/join #g", ["#general", "#lobby"]),
     ("hi b", ["alice", "bob"]),
@@ -431,7 +504,13 @@ def test_enter_hands_over_the_line_and_clears_it():
 def test_tab_completes_commands_then_rooms_then_usernames(before, pool):
     """The first word completes to a command, /join's argument to a room, anything else to a username."""
     model = logged_in(rooms=("lobby", "general"))
+    assert client.on_help(model, HELP, quiet=True) == []  # the client's own question: nothing shown
     assert client.completion_pool(model, before) == pool
+
+
+def test_before_the_servers_help_arrives_tab_completes_only_quit():
+    """The commands come from the server; the client knows only its own /quit."""
+    assert client.completion_pool(logged_in(), "/") == ["/quit"]
 
 
 def test_repeated_tab_cycles_through_the_matches():
@@ -456,12 +535,80 @@ def test_reconnect_delays_double_up_to_a_cap_with_jitter():
     (None, False, True), (1006, False, True), (1011, False, True), (1009, False, True), (4009, True, True),
     (1000, False, True),  # Tornado's "ping timed out" (the laptop slept): the session is held for us
     (1001, True, True), (1001, False, False),
-    (4001, True, False), (4002, True, False), (4003, True, False), (4004, True, False),
-    (4008, True, False), (4010, True, False),
+    (4004, True, True),  # the server forgot the session: a fresh login at once
+    (1002, True, False), (4001, True, False), (4002, True, False), (4003, True, False), (4005, True, False),
+    (4008, True, False), (4010, True, False), (4029, True, False),
 ])
 def test_only_a_deliberate_end_of_the_session_keeps_the_client_offline(close_code, after_shutdown, retry):
     """A close we did not ask for is retried, unless it was a refusal, the idle timeout or a takeover."""
     assert client.should_reconnect(close_code, after_shutdown) is retry
+
+
+def test_the_stay_offline_set_is_the_decided_rule():
+    """FINAL_CLOSE_CODES, the set chat.html shares: protocol error, refusals, idle, takeover, flooding."""
+    assert client.FINAL_CLOSE_CODES == {1002, 4001, 4002, 4003, 4005, 4008, 4010, 4029}
+
+
+@pytest.mark.parametrize("value, shown", [
+    (1, "1 second"), (45, "45 seconds"), (600, "10 minutes"), (90, "1.5 minutes"), (3600, "1 hour"),
+    (7200, "2 hours"), (5400, "1.5 hours"),
+])
+def test_durations_read_in_the_largest_unit(value, shown):
+    """The idle sentence says "after 10 minutes", not "after 600 s"."""
+    assert client.duration(value) == shown
+
+
+def offline_connection(**limits) -> client.Connection:
+    """carol's connection after login (with these welcome limits), on a terminal: offline waits for Enter."""
+    model = logged_in(rooms=("lobby", "general"), room="general")
+    apply_event(model, {"type": "welcome", "username": "carol", "rooms": ["lobby", "general"], "room": "general",
+                        "token": "t", "resumed": True, "limits": limits})
+    return client.Connection(client.Settings("carol", "ws://x/ws", False), model, lambda lines: None,
+                             True, revivable=True)
+
+
+@pytest.mark.parametrize("limits, sentence", [
+    ({"idle_timeout": 7200}, "You were disconnected after 2 hours without typing."),
+    ({"idle_timeout": 600}, "You were disconnected after 10 minutes without typing."),
+    ({}, "Disconnected after 600 s without a message."),  # no limit in welcome: the server's own notice
+])
+def test_an_idle_close_says_how_long_you_were_silent(limits, sentence):
+    """4008: one sentence with the idle time from welcome.limits.idle_timeout, and how to come back."""
+    connection = offline_connection(**limits)
+    connection.receive(json.dumps({"type": "system", "event": "idle", "text": "Disconnected after 600 s without "
+                                                                              "a message."}))
+    assert connection.offline_text(4008, "idle timeout") == sentence
+    connection.give_up(4008, sentence)
+    assert client.current_room(connection.model).lines[-1].text == (
+        f"{sentence} Press Enter to reconnect, or /quit to leave.")
+    assert connection.model.state == "offline" and connection.model.state_detail == "you were idle for too long"
+
+
+@pytest.mark.parametrize("close_code, sentence", [
+    (4010, "Disconnected: your session was taken over by a newer connection (another client of yours?)."),
+    (4029, "Disconnected: you kept sending after the server asked you to slow down."),
+    (4005, "Disconnected: too many connections come from your address."),
+    (1002, "Disconnected: the server found a protocol error and ended the session."),
+])
+def test_every_deliberate_close_names_its_real_reason(close_code, sentence):
+    """Kicked by a newer connection, flooding, a full address: the sentence says which."""
+    assert offline_connection().offline_text(close_code, "") == sentence
+
+
+@pytest.mark.parametrize("last_close, sentence", [
+    (None, "The server no longer knows this session (it restarted, or the session expired): "
+           "logging in afresh as carol, then rejoining #general."),
+    (1001, "The server no longer knows this session (it restarted, or the session expired): "
+           "logging in afresh as carol, then rejoining #general."),
+    (4008, "Logging in afresh as carol, then rejoining #general."),  # no false "did it restart?"
+])
+def test_a_forgotten_session_blames_a_restart_only_when_the_server_ended_nothing_on_purpose(last_close, sentence):
+    """After an idle close, Enter logs in afresh without claiming the server restarted."""
+    connection = offline_connection()
+    connection.last_close = last_close
+    connection.forget_session()
+    assert client.current_room(connection.model).lines[-1].text == sentence
+    assert connection.token == "" and connection.rejoin == ["general"]
 
 
 def test_a_normal_close_from_the_server_names_its_reason():
@@ -499,18 +646,6 @@ def test_rooms_sort_naturally():
     """#room2 comes before #room10 in the sidebar and for Ctrl-N/Ctrl-P."""
     names = ["room10", "lobby", "room2", "room1", "general"]
     assert sorted(names, key=client.room_order) == ["general", "lobby", "room1", "room2", "room10"]
-
-
-@pytest.mark.parametrize("event, reply", [
-    (message("lobby", "hi", username="Carol"), True),
-    (message("lobby", "hi", username="carol", replayed=True), False),
-    (message("lobby", "hi", username="bob"), False),
-    ({"type": "joined"}, True), ({"type": "error"}, True), ({"type": "rooms"}, True),
-    ({"type": "left"}, False), ({"type": "system"}, False),
-])
-def test_a_reply_is_our_own_echo_or_a_command_answer(event, reply):
-    """Plain mode waits for these before it closes at the end of input."""
-    assert client.is_reply(event, "carol") is reply
 
 
 def test_the_login_url_carries_the_username_and_the_token():
@@ -589,20 +724,47 @@ class FakeSocket:
         return done
 
 
-def test_lines_typed_before_login_are_sent_in_order_after_the_joined():
-    """Typed lines wait for the login, then go out in order; settled once each got its reply."""
+@pytest.mark.gen_test
+async def test_lines_typed_before_login_are_sent_in_order_after_the_joined_and_a_quiet_help():
+    """Typed lines wait for the login, then go out in order, after the client's own quiet /help."""
+    shown = []
     model = Model("ws://x/ws", "carol")
-    connection = client.Connection(client.Settings("carol", "ws://x/ws", True), model, lambda lines: None, False)
+    connection = client.Connection(client.Settings("carol", "ws://x/ws", True), model, shown.extend, False)
     connection.send("/join x")
-    connection.send("hello")
+    connection.send("/help")
     connection.ws = FakeSocket()
     connection.receive('{"type": "welcome", "username": "carol", "room": "lobby", "rooms": ["lobby"], "token": "t"}')
-    assert connection.ws.written == [] and not connection.settled.is_set()
+    assert connection.ws.written == []
     connection.receive('{"type": "joined", "room": "lobby", "users": ["carol"]}')
-    assert connection.ws.written == ["/join x", "hello"]
-    connection.receive('{"type": "joined", "room": "x", "users": ["carol"]}')
-    connection.receive('{"type": "message", "username": "carol", "room": "x", "text": "hello"}')
-    assert connection.settled.is_set() and connection.token == "t"
+    assert connection.ws.written == ["/help", "/join x", "/help"] and connection.token == "t"
+    connection.receive(json.dumps(HELP))  # the answer to the client's question: nothing shown
+    assert model.commands == ["/join", "/quit", "/topic"] and not any("/topic" in line.text for line in shown)
+    connection.receive(json.dumps(HELP))  # the answer to the /help typed: shown
+    assert [line.text for line in shown if "/topic" in line.text] == ["/topic <text>  a student's new command"]
+
+
+@pytest.mark.gen_test
+async def test_the_end_of_input_wait_is_one_round_trip_after_every_line_sent():
+    """ask() sends a quiet /help after the queued lines; its answer means every line before it was answered."""
+    connection = client.Connection(client.Settings("carol", "ws://x/ws", True), logged_in(), lambda lines: None, False)
+    connection.ws, connection.logged_in = FakeSocket(), True
+    connection.send("hello")
+    answered = connection.ask()
+    assert connection.ws.written == ["hello", "/help"] and not answered.done()
+    connection.receive(json.dumps(message("lobby", "hello", username="carol")))
+    assert not answered.done()
+    connection.receive(json.dumps(HELP))
+    assert answered.result() is True
+
+
+@pytest.mark.gen_test
+async def test_a_question_lost_with_the_connection_ends_the_wait():
+    """The link drops before the answer: the wait ends (as the lines' echoes will never come either)."""
+    connection = client.Connection(client.Settings("carol", "ws://x/ws", True), logged_in(), lambda lines: None, False)
+    connection.ws, connection.logged_in = FakeSocket(), True
+    answered = connection.ask()
+    connection.lose_connection()
+    assert answered.result() is False
 
 
 @pytest.mark.parametrize("line, shown", [
@@ -704,9 +866,52 @@ def test_every_frame_leaves_the_cursor_where_the_user_types():
     assert client.frame_output(term, None, frame).endswith(term.move_yx(23, len("#lobby › hello")))
 
 
-def test_the_sidebar_hides_on_a_narrow_terminal():
-    """Below 60 columns, the message area takes the whole width."""
-    assert client.Layout(59, 20).sidebar == 0 and client.Layout(60, 20).sidebar == client.SIDEBAR_COLUMNS
+def test_the_sidebar_folds_away_below_100_columns_and_f2_brings_it_back():
+    """Below 100 columns the message area takes the whole width; asked for, a narrower sidebar shows."""
+    assert client.Layout(99, 20).sidebar == 0 and client.Layout(100, 20).sidebar == client.SIDEBAR_COLUMNS
+    assert client.Layout(80, 24, wants_sidebar=True).sidebar == client.NARROW_SIDEBAR_COLUMNS
+    assert client.Layout(120, 24, wants_sidebar=False).sidebar == 0
+    assert client.Layout(30, 24, wants_sidebar=True).sidebar == 0  # too narrow for both
+
+
+@pytest.mark.parametrize("columns, text", [(80, 55), (100, 53), (60, 39)])
+def test_the_message_column_keeps_its_width_on_an_80_column_terminal(columns, text):
+    """At 80x24 a message gets 55 columns or more (37 before the sidebar folded away)."""
+    assert client.Layout(columns, 24).text == text
+
+
+@pytest.mark.parametrize("columns", [40, 60, 80, 100, 160])
+@pytest.mark.parametrize("sidebar", [None, True])
+def test_the_status_bar_fits_its_width_with_whole_hints(columns, sidebar):
+    """Whatever the width, the status bar leaves hints out whole, most useful kept: never "/quit l"."""
+    term = blessed.Terminal(force_styling=None)
+    layout = client.Layout(columns, 24, sidebar)
+    text = client.status_bar(term, logged_in(), layout, 0)
+    hints = [hint.strip() for hint in text.split(" · ")]
+    assert client.text_width(text) == columns and "/quit leaves" in text
+    assert set(hints) <= {hint for _, hint in client.HINTS}
+    assert ("F2 rooms & users" in hints) is (columns >= 60 and not layout.sidebar)
+
+
+def test_without_the_sidebar_the_header_says_how_many_are_here():
+    """The users are still a glance away: the header counts them; F2 lists them."""
+    term = blessed.Terminal(force_styling=None)
+    assert client.header(term, logged_in(), client.Layout(80, 24)).startswith(" #lobby · carol · 3 users here · ws:")
+    assert client.header(term, logged_in(), client.Layout(100, 24)).startswith(" #lobby · carol · ws:")
+
+
+def test_the_scrolled_up_marker_and_the_unread_rooms_fit_a_narrow_status_bar():
+    """Narrow, the parts that do not fit are left out whole."""
+    term = blessed.Terminal(force_styling=None)
+    model = logged_in(rooms=("lobby", "general", "random"))
+    for room in ("general", "random"):
+        apply_event(model, message(room, "hi"))
+    assert client.status_bar(term, model, client.Layout(28, 24), 0).rstrip() == " unread: #general 1"
+    room = client.current_room(model)
+    room.scroll_rows, room.lines_below, room.new_below = 3, 2, 2
+    wide = client.status_bar(term, model, client.Layout(100, 24), 3)
+    assert wide.rstrip() == " -- scrolled up: 2 new messages below · PgDn goes back down --"
+    assert client.status_bar(term, model, client.Layout(40, 24), 3).rstrip() == " -- scrolled up: PgDn goes back down --"
 
 
 @pytest.mark.parametrize("kind", ["xterm", "linux", "screen"])
@@ -751,8 +956,10 @@ def test_the_client_knows_every_close_code_the_server_sends_by_the_same_name():
 
 
 def test_tab_completes_exactly_the_servers_commands_and_the_clients_own_quit():
-    """The client's command list is chat.py's COMMANDS, each with a slash, plus /quit."""
-    assert set(client.COMMANDS) == {f"/{name}" for name in chat.COMMANDS} | {"/quit"}
+    """From chat.py's /help reply, the client learns chat.py's COMMANDS, each with a slash, plus /quit."""
+    model = logged_in()
+    client.on_help(model, chat.help_event(), quiet=True)
+    assert set(model.commands) == {f"/{name}" for name in chat.COMMANDS} | {"/quit"}
 
 
 def test_the_lobby_and_the_default_port_are_the_servers():
@@ -761,9 +968,9 @@ def test_the_lobby_and_the_default_port_are_the_servers():
 
 
 def test_the_limits_the_client_reads_from_welcome_are_limits_the_server_has():
-    """The length counter and the pacer read welcome.limits under chat.CrowdLimits' own field names."""
+    """The length counter, the idle sentence and the pacer read welcome.limits under chat.CrowdLimits' names."""
     fields = {field.name for field in dataclasses.fields(chat.CrowdLimits)}
-    assert {"max_message_length", "rate_per_second", "rate_burst"} <= fields
+    assert {"max_message_length", "idle_timeout", "rate_per_second", "rate_burst"} <= fields
 
 
 def test_every_character_the_server_cleans_the_client_cleans_too():
