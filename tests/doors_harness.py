@@ -386,6 +386,8 @@ class ForwardingProxy:
             await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
         except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, asyncio.LimitOverrunError):
             pass
+        except asyncio.CancelledError:
+            pass  # stop(): ended on purpose (returning normally keeps asyncio from logging it)
         finally:
             for stream in (writer, upstream_writer):
                 if stream is not None:
@@ -477,9 +479,11 @@ def cpu_seconds(pid: int) -> float:
 async def closed_by_server(peer: Peer, byte_budget: int = 512 * 1024, timeout: float = 2.0) -> bool:
     """Has the server closed this connection (that may never have read)?
 
-    A FIN can wait behind unread replies, so if TCP_INFO shows no close yet, read: a closed
-    connection ends within what its kernel buffers held (under `byte_budget`); one still being
-    served keeps sending past it.
+    A server that closes with our requests still unread in its kernel sends RST, which TCP_INFO
+    shows at once. A FIN, though, waits behind the replies we never read, so if TCP_INFO shows
+    no close yet, read: a closed connection ends within what the kernel buffers held (chat.py
+    fixes its send buffer at 64 KiB, 128 KiB as Linux counts it; with our small receive buffer
+    that is well under `byte_budget`); one still being served keeps sending past it.
     """
     if peer.hung_up():
         return True

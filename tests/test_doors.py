@@ -516,6 +516,7 @@ async def test_a_busy_room_of_200_senders_never_refuses_a_user_in_another_room(c
         print(f"\nATTACK 200 senders in #busy: {outcome}; #quiet echo max {max(quiet_ms):.0f} ms, "
               f"lobby echo max {max(lobby_ms):.0f} ms")
         assert len(quiet_ms) == 16 and len(lobby_ms) == 8
+        assert outcome["deliveries"] > 0 and outcome["closed"] == 0, outcome  # the flood did run
         assert_up(process)
     finally:
         for peer in (quiet, lobby):
