@@ -180,7 +180,7 @@ def manager(limits, lesson) -> chat.RoomManager:
 @pytest.fixture
 def app(manager, lesson):
     """The Tornado application pytest-tornado serves on `http_port`."""
-    return chat.make_app(manager, chat.LESSONS[lesson].socket)
+    return chat.web_app(manager, lesson)
 
 
 @pytest.fixture

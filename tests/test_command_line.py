@@ -151,10 +151,11 @@ def test_a_flag_value_may_follow_after_a_space(chat_process):
     assert status(port)["limits"]["max_message_length"] == 42
 
 
-def test_flags_with_underscores_still_work(chat_process):
-    """`--max_message_length=42` (the older spelling) means `--max-message-length=42`."""
-    _, port = chat_process("--max_message_length=42")
-    assert status(port)["limits"]["max_message_length"] == 42
+def test_a_flag_spelled_with_underscores_is_refused_in_one_line():
+    """`--max_message_length=42` is not a flag: one line names it, with where to look."""
+    result = run_chat("--max_message_length=42")
+    assert result.returncode == 2 and "--max_message_length" in result.stderr
+    assert result.stderr.count("\n") == 1 and "python chat.py --help" in result.stderr
 
 
 def test_help_lists_the_flags_in_the_readme_order_without_machine_paths():

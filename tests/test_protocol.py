@@ -30,7 +30,7 @@ async def test_a_new_user_gets_welcome_then_joined_for_the_lobby(chat_server):
     assert welcome["type"] == "welcome"
     assert (welcome["username"], welcome["room"], welcome["rooms"]) == ("alice", "lobby", ["lobby"])
     assert len(welcome["token"]) >= 16
-    assert welcome["limits"]["max_message_chars"] == 500
+    assert welcome["limits"]["max_message_length"] == 500
     joined = await alice.next_event()
     assert joined == {"type": "joined", "room": "lobby", "users": ["alice"], "user_count": 1}
 
