@@ -161,8 +161,8 @@ async def test_requests_of_closed_connections_are_not_served_and_a_login_is_prom
     """Attack: 10 connections from 127.0.0.2 x 2,000 pipelined `GET /` (56 kB each), never read,
     closed by the client after 2 s (issue 20: 16.8 s of 100% CPU after the close, the requests
     already read still served; logins refused for about 40 s). Bound: requests of a connection that
-    has closed are not served: in the 3 s after the close the server uses under 1.5 s of CPU, and a
-    login from 127.0.0.3 succeeds (within 5 s), and so does GET /status."""
+    has closed are not served: from the close until it is idle the server uses under 1 s of CPU, and
+    a login from 127.0.0.3 succeeds (within 5 s), and so does GET /status."""
     process, port = start(chat_process)
     peers = []
     try:
@@ -180,11 +180,18 @@ async def test_requests_of_closed_connections_are_not_served_and_a_login_is_prom
         await assert_newcomer_gets_in(port, "127.0.0.3", "carol")
         login_seconds = time.monotonic() - closed_at
         await assert_status_answers(port, "127.0.0.4")
-        await asyncio.sleep(max(0.0, closed_at + 3 - time.monotonic()))
-        cpu = cpu_seconds(process.pid) - cpu_before
+        # What the closed connections still cost: the server's CPU from the close until it is idle
+        # (under 0.05 s in half a second), watched for at most 8 s. CPU time, not wall time: a busy
+        # machine that runs the server less makes the work take longer, not cost less.
+        while time.monotonic() < closed_at + 8:
+            before = cpu_seconds(process.pid)
+            await asyncio.sleep(0.5)
+            if cpu_seconds(process.pid) - before < 0.05:
+                break
+        cpu, busy = cpu_seconds(process.pid) - cpu_before, time.monotonic() - closed_at
         print(f"\nATTACK 10 x 2,000 pipelined GET /, closed: login after {login_seconds:.2f} s, "
-              f"server CPU {cpu:.2f} s in the 3 s after the close")
-        assert cpu < 1.5, f"the server kept serving closed connections: {cpu:.2f} s of CPU in 3 s"
+              f"server CPU {cpu:.2f} s in the {busy:.1f} s after the close until idle")
+        assert cpu < 1.0, f"the server kept serving closed connections: {cpu:.2f} s of CPU after the close"
         assert_up(process)
     finally:
         for peer in peers:
