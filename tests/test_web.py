@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import threading
+import time
 import urllib.request
 import zlib
 from html.parser import HTMLParser
@@ -47,6 +48,7 @@ BROWSER_ARGUMENTS = (
 )
 GET_INSTALLED = ("These tests drive a real browser: install Chromium and its driver "
                  "(on Debian or Ubuntu: apt-get install chromium chromium-driver).")
+SCREENSHOTS = os.environ.get("CHAT_SCREENSHOTS")  # a folder: tests save pictures of what they saw there
 
 
 # ---- the server, in a thread of its own ----
@@ -135,6 +137,29 @@ class WebServer:
         """Connect a plain WebSocket user and wait until they are in the lobby."""
         self.carols.append(Carol(self.loop, self.loop.run(ChatServer(self.port, self.manager).join(username))))
         return self.carols[-1]
+
+    def close(self, username: str, code: int) -> None:
+        """Close a user's connection on purpose with this close code, as the server does (the session ends)."""
+        async def close():
+            user = self.manager.users[chat.fold(username)]
+            user.connection.close_by_server(code, "closed by the test")
+            while user.connection is not None and chat.fold(username) in self.manager.users:
+                await asyncio.sleep(0.01)
+        self.loop.run(close())
+
+    def refuse_logins(self, code: str, text: str, close_code: int) -> None:
+        """From now on every new login is refused with this error and close code (until allow_logins)."""
+        def connect(*arguments):
+            raise chat.Refusal(code, text, close_code)
+        self.manager.connect = connect
+
+    def allow_logins(self) -> None:
+        """Logins work again."""
+        del self.manager.connect
+
+    def is_online(self, username: str) -> bool:
+        """Whether the server has a user of that name (online or held)."""
+        return chat.fold(username) in self.manager.users
 
     def drop(self, username: str) -> None:
         """Cut a user's connection with no close frame, as a lost network would."""
@@ -228,7 +253,7 @@ class Page:
 
     def lines(self) -> list[str]:
         """The message area's lines, as text."""
-        return self.js("return [...document.querySelectorAll('#messages p')].map(p => p.textContent)")
+        return self.js("return [...document.querySelectorAll('#messages > *')].map(line => line.textContent)")
 
     def wait_for_line(self, fragment: str) -> None:
         """Wait until a line containing this text is on the page."""
@@ -263,6 +288,34 @@ class Page:
     def focused(self) -> str:
         """The id of the element that has the keyboard focus."""
         return self.js("return document.activeElement.id")
+
+    def type_fast(self, lines: list[str]) -> None:
+        """Type these lines, each followed by Enter, in one go (as fast as the browser takes keys)."""
+        self.driver.switch_to.window(self.handle)
+        self.driver.find_element(By.ID, "line").send_keys(*[key for line in lines for key in (line, Keys.ENTER)])
+
+    def watch(self, element_id: str) -> None:
+        """From now on, remember every text this element shows (visible, and not empty)."""
+        self.js("""const node = document.getElementById(arguments[0]);
+                   window.seen = window.seen || {};
+                   const seen = window.seen[arguments[0]] = [];
+                   new MutationObserver(() => {
+                     if (node.textContent && node.offsetParent !== null) seen.push(node.textContent);
+                   }).observe(node, {childList: true, characterData: true, subtree: true});""", element_id)
+
+    def seen(self, element_id: str) -> list[str]:
+        """The texts the watched element showed so far."""
+        return self.js("return window.seen[arguments[0]]", element_id)
+
+    def reconnect_button(self) -> bool:
+        """Whether the Reconnect button shows."""
+        return self.js("return !document.getElementById('reconnect').hidden")
+
+    def screenshot(self, name: str) -> None:
+        """Save a picture of the window as NAME.png in $CHAT_SCREENSHOTS, if that is set."""
+        if SCREENSHOTS:
+            self.driver.switch_to.window(self.handle)
+            self.driver.save_screenshot(str(Path(SCREENSHOTS) / f"{name}.png"))
 
 
 @pytest.fixture
@@ -450,12 +503,25 @@ def test_rooms_and_users_replies_are_shown_in_the_message_area(server, alice):
     alice.wait_for_line("Users in #lobby (2): alice, carol")
 
 
-def test_help_lists_the_commands(server, alice):
-    """/help shows one line per server command, and the page's own /quit."""
+HELP_TABLE = """return [...document.querySelectorAll('#messages .help tr')].map(row => [...row.cells].map(cell => {
+                   const box = cell.getBoundingClientRect();
+                   return {text: cell.textContent, left: box.left, right: box.right,
+                           font: getComputedStyle(cell).fontFamily};
+                 }));"""
+
+
+def test_help_lays_out_usage_and_description_as_a_table(server, alice):
+    """/help is a two-column table: each command's usage, in a fixed-width font, beside its description; /quit last."""
     alice.type("/help")
-    alice.wait_for_line("/quit")
-    for usage in ("/join <room>", "/leave", "/rooms", "/users", "/help"):
-        assert any(line.split("  ")[0].endswith(usage) for line in alice.lines()), usage
+    alice.wait_for(lambda: alice.js(HELP_TABLE), "the help table")
+    rows = alice.js(HELP_TABLE)
+    expected = [[command["usage"], command["description"]] for command in chat.help_event()["commands"]]
+    assert [[cell["text"] for cell in row] for row in rows] == expected + [["/quit", "leave the chat"]]
+    assert all("monospace" in usage["font"] and "monospace" not in description["font"] for usage, description in rows)
+    # The descriptions line up in one column, right of the widest usage.
+    assert len({round(description["left"]) for _, description in rows}) == 1
+    assert rows[0][1]["left"] >= max(usage["right"] for usage, _ in rows)  # the usage cell ends in its padding
+    alice.screenshot("help-table")
 
 
 def test_quit_leaves_at_once_and_shows_the_login_form(server, alice):
@@ -533,6 +599,85 @@ def test_a_counter_appears_near_the_length_limit_and_a_too_long_line_stays_in_th
     alice.wait_for_line("alice " + "x" * 20)
 
 
+# ---- typing fast: lines wait their turn ----
+
+
+def test_lines_typed_faster_than_the_rate_wait_their_turn_and_all_arrive_in_order(server, alice):
+    """25 lines typed in one go at the default limits (5/s, burst 10): each arrives, in order, as its own
+    message; meanwhile "n waiting" shows, and the server refuses none."""
+    assert (server.limits.rate_per_second, server.limits.rate_burst) == (5.0, 10)
+    carol = server.join("carol")
+    alice.watch("waiting")
+    lines = [f"quick {number}" for number in range(1, 26)]
+    started = time.monotonic()
+    alice.type_fast(lines)
+    typed_in = time.monotonic() - started
+    alice.screenshot("typing-fast-waiting")
+    assert [carol.expect("message", username="alice")["text"] for _ in lines] == lines
+    alice.wait_for(lambda: alice.lines()[-1].endswith("alice quick 25"), "the last line echoed")
+    mine = [line[9:] for line in alice.lines() if line[9:].startswith("alice quick")]
+    assert mine == [f"alice {line}" for line in lines]
+    waiting = alice.seen("waiting")
+    print(f"typed 25 lines in {typed_in:.2f} s; the hint showed {waiting[:3]} ... {waiting[-2:]}")
+    assert waiting and all(re.fullmatch(r"\d+ waiting", hint) for hint in waiting)
+    assert max(int(hint.split()[0]) for hint in waiting) >= 2
+    assert alice.js("return document.getElementById('waiting').textContent") == ""
+    assert not [event for event in carol.sync() if event["type"] == "error"]
+    assert not [line for line in alice.lines() if "Slow down" in line] and alice.notice() == ""
+
+
+def test_a_line_the_server_still_refuses_for_its_rate_stays_and_goes_again_in_order(server, alice):
+    """With the page's pacing switched off, the server refuses lines: each refused line is named with
+    "goes again in 1 s" (never "0.0 s") and sent again; all 20 arrive, in order, none merged or lost."""
+    carol = server.join("carol")
+    alice.js("pacer.perSecond = 0")  # as if the page trusted a far bigger burst than the server's
+    alice.watch("notice")
+    lines = [f"eager {number}" for number in range(1, 21)]
+    alice.type_fast(lines)
+    alice.wait_for(lambda: alice.seen("notice"), "a refusal")
+    alice.screenshot("refused-for-rate")
+    assert [carol.expect("message", username="alice")["text"] for _ in lines] == lines
+    notices = alice.seen("notice")
+    print(f"notices: {notices[:3]}")
+    assert notices and all(re.fullmatch(r"Slow down, said the server: “eager \d+” goes again in 1 s\.", notice)
+                           for notice in notices)
+    assert alice.js("return document.getElementById('line').value") == ""  # nothing put back to merge with
+    alice.wait_for(lambda: alice.lines()[-1].endswith("alice eager 20"), "the last line echoed")
+    assert [line[9:] for line in alice.lines() if "eager" in line] == [f"alice {line}" for line in lines]
+
+
+@pytest.mark.limits(max_message_length=20)
+def test_a_notice_about_the_line_clears_when_the_line_or_the_room_changes(server, alice):
+    """ "Your line has 21 characters" goes away once the line is edited, or once another room is current."""
+    alice.type("/join general")
+    alice.wait_until_connected("alice", "general")
+    alice.type("x" * 21)
+    alice.wait_for(lambda: alice.notice().startswith("Your line has 21 characters"), "the too-long notice")
+    alice.driver.switch_to.active_element.send_keys(Keys.BACKSPACE)
+    alice.wait_for(lambda: alice.notice() == "", "the notice cleared by an edit")
+    alice.driver.switch_to.active_element.send_keys("x", Keys.ENTER)
+    alice.wait_for(lambda: alice.notice().startswith("Your line has 21 characters"), "the notice again")
+    alice.js("document.querySelector('#rooms button[data-room=lobby]').click()")
+    alice.wait_until_connected("alice", "lobby")
+    alice.wait_for(lambda: alice.notice() == "", "the notice cleared by the room change")
+    assert alice.js("return document.getElementById('line').value") == "x" * 21  # the line itself stays
+
+
+def test_lines_typed_while_the_server_is_down_wait_and_go_once_it_is_back(server, alice):
+    """Lines typed during an outage are kept ("2 waiting (sent once connected)") and sent, in order, after the login."""
+    server.stop()
+    alice.wait_for(lambda: alice.header()[2].startswith("reconnecting"), "the page reconnecting")
+    alice.type("said while down")
+    alice.type("and another")
+    alice.wait_for(lambda: alice.js("return document.getElementById('waiting').textContent")
+                   == "2 waiting (sent once connected)", "the lines kept")
+    alice.screenshot("waiting-while-down")
+    server.start()
+    alice.wait_for_line("alice and another")
+    assert [line[9:] for line in alice.lines() if line[9:] in ("alice said while down", "alice and another")] == [
+        "alice said while down", "alice and another"]
+
+
 # ---- reconnects and leaving ----
 
 
@@ -555,7 +700,8 @@ def test_after_a_server_restart_the_page_logs_in_afresh_and_rejoins_its_rooms(se
     alice.wait_for(lambda: [name for name, _, current in alice.rooms() if current] == ["general"]
                    and len(alice.rooms()) == 3, "three rooms, #general current")
     server.restart()
-    alice.wait_for_line("logging in afresh as alice, then rejoining #quiz, #general")
+    alice.wait_for_line("Disconnected: the server is shutting down or restarting. "
+                        "Reconnecting as alice, then rejoining #quiz, #general...")
     alice.wait_until_connected("alice", "general")
     bob = server.join("bob")
     bob.say("/join quiz")
@@ -580,7 +726,7 @@ def test_leaving_the_page_ends_the_session_at_once(server, alice, how):
 def test_while_the_server_is_down_the_page_keeps_trying_and_gets_back_in_when_it_returns(server, alice):
     """A server gone for a while: the page retries (attempt 3 and on) and logs in once it is back."""
     server.stop()
-    alice.wait_for_line("Disconnected: the server is shutting down. Reconnecting...")
+    alice.wait_for_line("Disconnected: the server is shutting down or restarting. Reconnecting...")
     alice.wait_for(lambda: "(attempt 3)" in alice.header()[2], "a third attempt")
     server.start()
     alice.wait_until_connected("alice")
@@ -596,13 +742,25 @@ def test_reconnect_delays_grow_with_jitter_as_in_the_terminal_client(server, ali
 
 
 @pytest.mark.limits(idle_timeout=1)
-def test_after_an_idle_timeout_the_page_waits_for_enter_to_connect_again(server, alice):
-    """The server closed a silent user on purpose (4008): the page says so, and Enter logs in again."""
-    alice.wait_for_line("Disconnected: you were idle for too long. Press Enter to reconnect")
-    assert alice.header()[2] == "offline"
-    alice.type("")
-    alice.wait_for(lambda: sum("Connected as alice" in line for line in alice.lines()) == 2,
-                   "a second login")
+def test_after_an_idle_timeout_the_page_says_so_in_minutes_and_one_click_comes_back(server, alice):
+    """4008: "after N without typing" from welcome.limits.idle_timeout; one click logs in afresh, with no false "restart"."""
+    alice.type("/join general")
+    alice.wait_for_line("You were disconnected after 1 second without typing. Press Enter or click Reconnect")
+    assert alice.header()[2] == "offline" and alice.reconnect_button()
+    alice.screenshot("idle-offline")
+    alice.js("document.getElementById('reconnect').click()")
+    alice.wait_for(lambda: sum("Connected as alice" in line for line in alice.lines()) == 2, "a second login")
+    assert not [line for line in alice.lines() if "restart" in line or "no longer knows" in line]
+    assert not [line for line in alice.lines() if "Disconnected after" in line]  # the server's notice: ours says it
+
+
+def test_durations_are_rounded_up_to_a_sensible_unit(server, alice):
+    """retry_after as "1 s", "3 s", "2 min" (never "0.0 s"); limits as "1 second", "10 minutes", "2 hours"."""
+    waits = {0.0: "1 s", 0.004: "1 s", 0.2: "1 s", 1.0: "1 s", 2.2: "3 s", 59.5: "1 min", 95: "2 min"}
+    assert alice.js("return arguments[0].map(waitText)", list(waits)) == list(waits.values())
+    spans = {1: "1 second", 30: "30 seconds", 60: "1 minute", 600: "10 minutes", 5400: "90 minutes",
+             7200: "2 hours", 14400: "4 hours"}
+    assert alice.js("return arguments[0].map(durationText)", list(spans)) == list(spans.values())
 
 
 def test_coming_back_to_the_page_connects_again_in_the_same_rooms(server, alice):
@@ -616,6 +774,105 @@ def test_coming_back_to_the_page_connects_again_in_the_same_rooms(server, alice)
     alice.wait_until_connected("alice", "general")
     carol.say("/join general")
     assert "alice" in carol.expect("joined", room="general")["users"]
+
+
+# ---- closes: one rule, shared with client.py ----
+
+
+def close_code_set(name: str) -> set[int]:
+    """One of chat.html's close-code sets, read from its source: const NAME = new Set([...])."""
+    [numbers] = re.findall(rf"const {name} = new Set\(\[([\d, ]*)\]\)", PAGE)
+    return {int(number) for number in numbers.split(",")}
+
+
+def test_the_page_stays_offline_after_the_same_closes_as_the_terminal_client():
+    """The page's stay-offline and back-to-the-login closes are client.py's FINAL_CLOSE_CODES, so the two cannot drift."""
+    import client
+    offline, refused = close_code_set("OFFLINE_CLOSE_CODES"), close_code_set("REFUSED_CLOSE_CODES")
+    assert offline == {1002, 4005, 4008, 4010, 4029} and refused == {4001, 4002, 4003}
+    # 4004 (unknown token) is neither: both clients log in afresh at once.
+    assert offline | refused == client.FINAL_CLOSE_CODES - {client.CLOSE_BAD_TOKEN}
+    assert "const CLOSE_BAD_TOKEN = 4004;" in PAGE
+
+
+@pytest.mark.parametrize("code, sentence", [
+    (1002, "Disconnected: the server did not understand something this page sent, and ended the session."),
+    (4029, "Disconnected: you kept sending after the server asked you to slow down."),
+])
+def test_after_a_deliberate_close_the_page_stays_offline_until_enter(server, alice, code, sentence):
+    """1002 and 4029: the page names the reason and does not retry by itself; Enter logs in again."""
+    server.close("alice", code)
+    alice.wait_for_line(f"{sentence} Press Enter or click Reconnect to come back.")
+    assert alice.header()[2] == "offline" and alice.reconnect_button()
+    time.sleep(1.5)  # longer than the first reconnect delay (at most 0.5 s): the page must not have tried
+    assert not server.is_online("alice") and alice.header()[2] == "offline"
+    alice.screenshot(f"offline-after-{code}")
+    alice.type("")
+    alice.wait_until_connected("alice")
+    assert not alice.reconnect_button()
+
+
+def test_too_many_connections_from_an_address_keeps_the_page_offline_with_the_servers_sentence(server, alice):
+    """A login refused with 4005 (address_full) is not retried: the server's sentence, then one click comes back."""
+    server.close("alice", 1002)
+    alice.wait_for(lambda: alice.header()[2] == "offline", "offline")
+    full = "Too many connections from your address (10): close one, or wait a little."
+    server.refuse_logins("address_full", full, chat.CLOSE_ADDRESS_FULL)
+    alice.type("")
+    alice.wait_for_line(f"{full} Press Enter or click Reconnect to come back.")
+    time.sleep(1.5)  # longer than the first reconnect delay: the page must not have tried again
+    assert alice.header()[2] == "offline" and alice.reconnect_button()
+    assert sum(full in line for line in alice.lines()) == 1
+    alice.screenshot("offline-after-4005")
+    server.allow_logins()
+    alice.js("document.getElementById('reconnect').click()")
+    alice.wait_until_connected("alice")
+
+
+def test_a_session_taken_over_by_a_newer_connection_says_so_and_stays_offline(server, alice):
+    """4010: another connection resumed alice's session (another tab?): the page says so and does not fight back."""
+    token = alice.js("return connection.token")
+    newer = server.loop.run(ChatServer(server.port, server.manager).join("alice", token=token))
+    assert newer.welcome["resumed"] is True
+    alice.wait_for_line("Disconnected: your session was taken over by a newer connection with your name "
+                        "(another tab or window?). Press Enter or click Reconnect to come back.")
+    assert alice.header()[2] == "offline"
+    alice.screenshot("offline-after-4010")
+    alice.js("document.getElementById('reconnect').click()")  # the name is online elsewhere: the form says so
+    alice.wait_for(lambda: "taken" in alice.js("return document.getElementById('login-error').textContent"),
+                   "the login form, saying the name is taken")
+    server.loop.loop.call_soon_threadsafe(newer.quit)
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 1009, 4009])
+def test_after_other_closes_the_page_reconnects_by_itself_into_its_rooms(server, alice, code):
+    """1000, 1001, 1009, 4009: the page names the reason, reconnects by itself and ends up in its rooms."""
+    alice.type("/join general")
+    alice.wait_until_connected("alice", "general")
+    reason = {1000: "the server closed the connection", 1001: "the server is shutting down or restarting",
+              1009: "a line was too big for the server", 4009: "the connection fell too far behind"}[code]
+    server.close("alice", code)
+    alice.wait_for_line(f"Disconnected: {reason}.")
+    alice.wait_until_connected("alice", "general")
+    assert not alice.reconnect_button()
+    carol = server.join("carol")
+    carol.say("/join general")
+    assert "alice" in carol.expect("joined", room="general")["users"]
+
+
+@pytest.mark.limits(resume_grace=2)
+def test_a_name_held_for_a_dropped_session_is_waited_for_then_taken(server, open_page):
+    """4002 with held: true: the page says the name is held (probably by you), waits retry_after and gets in."""
+    server.join("alice")
+    server.drop("alice")  # alice's old connection vanished: her session is held for 2 s
+    page = open_page("?username=alice")
+    page.wait_for(lambda: "held for a session that dropped" in
+                  page.js("return document.getElementById('login-error').textContent"), "the held name explained")
+    error = page.js("return document.getElementById('login-error').textContent")
+    assert re.search(r"trying again in [123] s\. Or pick another name\.$", error), error
+    assert page.header()[2].startswith("waiting for the name")
+    page.screenshot("held-name-waiting")
+    page.wait_until_connected("alice")
 
 
 # ---- a phone, a keyboard, a screen reader ----
