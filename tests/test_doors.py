@@ -300,6 +300,7 @@ async def test_forwarded_headers_from_a_client_that_is_not_a_trusted_proxy_are_i
     print(f"\nATTACK spoofed X-Forwarded-For from 127.0.0.2: {answers}")
     assert answers == ["welcome"] * 3 + [("address_full", 4005)] * 2
     await assert_newcomer_gets_in(port, "127.0.0.3", "carol")
+    assert_up(process)
     for peer in peers:
         peer.close()
 
@@ -427,6 +428,7 @@ async def test_http_requests_are_rate_limited_per_address_group(chat_process):
         assert served <= 20 + 10 * elapsed + 1, statuses
         answer = await http_request(HOST, port, "/", "127.0.0.3")
         assert answer is not None and answer[0] == 200
+        await assert_newcomer_gets_in(port, "127.0.0.4", "carol")
         assert_up(process)
     finally:
         for client in connections:
@@ -449,6 +451,7 @@ async def test_one_kept_alive_connection_is_closed_after_100_requests(chat_proce
             served += answer[0] == 200
         print(f"\nATTACK 150 requests on one kept-alive connection: {served} served")
         assert served <= 100 and client.peer.eof
+        await assert_newcomer_gets_in(port, "127.0.0.3", "carol")
         assert_up(process)
     finally:
         client.close()
@@ -490,6 +493,9 @@ async def test_status_stays_small_with_2000_users_online(chat_server):
     print(f"\nATTACK /status with 2,000 users: {len(response.body):,} bytes, {len(report['users'])} names")
     assert len(response.body) < 16 * 1024
     assert len(report["users"]) <= 200 and report["user_count"] == 2000
+    newcomer = await chat_server.join("newcomer")
+    await newcomer.say("hello")
+    assert (await newcomer.expect("message"))["text"] == "hello"
 
 
 # ---- 5. a busy room cannot starve the others -----------------------------------------------
