@@ -749,9 +749,10 @@ def test_after_an_idle_timeout_the_page_says_so_in_minutes_and_one_click_comes_b
     assert alice.header()[2] == "offline" and alice.reconnect_button()
     alice.screenshot("idle-offline")
     alice.js("document.getElementById('reconnect').click()")
-    alice.wait_for(lambda: sum("Connected as alice" in line for line in alice.lines()) == 2, "a second login")
-    assert not [line for line in alice.lines() if "restart" in line or "no longer knows" in line]
-    assert not [line for line in alice.lines() if "Disconnected after" in line]  # the server's notice: ours says it
+    every_line = "return [...model.rooms.values(), ...model.leftRooms.values()].flatMap(room => room.lines).map(line => line.text)"
+    alice.wait_for(lambda: sum("Connected as alice" in line for line in alice.js(every_line)) == 2, "a second login")
+    assert not [line for line in alice.js(every_line) if "restart" in line or "no longer knows" in line]
+    assert not [line for line in alice.js(every_line) if "Disconnected after" in line]  # the server's notice: ours says it
 
 
 def test_durations_are_rounded_up_to_a_sensible_unit(server, alice):
@@ -790,9 +791,9 @@ def test_the_page_stays_offline_after_the_same_closes_as_the_terminal_client():
     import client
     offline, refused = close_code_set("OFFLINE_CLOSE_CODES"), close_code_set("REFUSED_CLOSE_CODES")
     assert offline == {1002, 4005, 4008, 4010, 4029} and refused == {4001, 4002, 4003}
+    assert offline | refused == client.FINAL_CLOSE_CODES
     # 4004 (unknown token) is neither: both clients log in afresh at once.
-    assert offline | refused == client.FINAL_CLOSE_CODES - {client.CLOSE_BAD_TOKEN}
-    assert "const CLOSE_BAD_TOKEN = 4004;" in PAGE
+    assert client.CLOSE_BAD_TOKEN not in client.FINAL_CLOSE_CODES and "const CLOSE_BAD_TOKEN = 4004;" in PAGE
 
 
 @pytest.mark.parametrize("code, sentence", [
@@ -804,6 +805,7 @@ def test_after_a_deliberate_close_the_page_stays_offline_until_enter(server, ali
     server.close("alice", code)
     alice.wait_for_line(f"{sentence} Press Enter or click Reconnect to come back.")
     assert alice.header()[2] == "offline" and alice.reconnect_button()
+    assert not alice.js("return document.getElementById('send-button').offsetParent")  # Reconnect took its place
     time.sleep(1.5)  # longer than the first reconnect delay (at most 0.5 s): the page must not have tried
     assert not server.is_online("alice") and alice.header()[2] == "offline"
     alice.screenshot(f"offline-after-{code}")
