@@ -752,11 +752,9 @@ def main(argv: list[str] | None = None) -> None:
 # Part II: holding a crowd
 # =====================================================================================
 # Part I is correct, but measure it (python tests/bench.py) and it falls over long
-# before a class does something unusual. Each section below fixes one thing the
-# numbers showed: its problem, the change, and what the change costs. The state and
-# rules each one adds are a small class or function of their own, tested alone.
-# Section 15 puts them to work: one subclass of each Part I class, whose methods list
-# Part II's steps for one action and then hand over to Part I. That is `python chat.py`.
+# before a class does something unusual. Each section fixes one thing the numbers
+# showed (problem, change, cost) with a small class or function of its own. Section
+# 15 puts them to work, in one subclass of each Part I class: `python chat.py`.
 
 import bisect  # Part II needs these as well as Part I's imports
 import errno
@@ -809,12 +807,11 @@ class CrowdLimits(Limits):
 
 # ---- 9. Fast broadcast: one frame, the same bytes to every socket --------------------
 # Problem: write_message() builds a frame and starts an asyncio task for every
-# recipient: about 23 us a delivery, so one line to a 100-user room costs 2.3 ms.
-# Change: build the frame once per event and write its bytes straight to each
-# member's socket; queue only what the kernel does not take at once. And switch
-# Nagle's algorithm off: it held small frames back (p99 latency 36 ms at light load).
-# Cost: we write RFC 6455 frames ourselves (a few bytes of header), and rely on
-# plain ws:// (no TLS, no compression), which chat.py serves.
+# recipient: about 23 us a delivery, 2.3 ms for one line to a room of 100. And
+# Nagle's algorithm held small frames back (p99 latency 36 ms at light load).
+# Change: build the frame once per event, write its bytes straight to each socket
+# and queue only what the kernel does not take; TCP_NODELAY. Cost: we write RFC 6455
+# frames ourselves, for plain ws:// without compression, which is what chat.py serves.
 
 
 def websocket_text_frame(payload: bytes) -> bytes:
@@ -830,7 +827,7 @@ def websocket_text_frame(payload: bytes) -> bytes:
 
 
 def write_frame(stream: IOStream, frame: bytes, max_backlog: int) -> None:
-    """Write a frame now, queueing only what the kernel does not take; raises StreamBufferFullError past the bound."""
+    """Write a frame now, queueing what the kernel does not take (StreamBufferFullError past the bound)."""
     if not stream.writing():  # nothing queued ahead of this frame, so order is kept
         try:
             sent = stream.socket.send(frame)
@@ -839,8 +836,7 @@ def write_frame(stream: IOStream, frame: bytes, max_backlog: int) -> None:
         if sent == len(frame):
             return
         frame = frame[sent:]
-    # The bound is for chat frames only: Tornado's own frames (ping, pong, close)
-    # are tiny and few, and must always fit, or a close could fail behind a backlog.
+    # The bound is for chat frames only: Tornado's ping, pong and close must always fit.
     stream.max_write_buffer_size = max_backlog or None
     try:
         stream.write(frame)
@@ -861,16 +857,15 @@ def is_quiet(room: Room, announce_limit: int) -> bool:
 
 
 # ---- 11. Rate limits: a bucket per user and per room, and the door for a flooder -----
-# Problem: nothing stopped one user from sending as fast as their script could:
-# binary frames and pings too, each refused line earned a reply, and one busy room
-# (200 users x 5 lines a second) made a user in another room wait 4.6 s (p90).
-# Change: every frame a user sends takes a token from their bucket, which refills
-# at --rate-per-second up to --rate-burst. The first frame refused is answered with
-# `rate_limited` and `retry_after`, the next ones are not, and after --rate-burst
-# more the connection is closed with 4029 (`flooding`: IRC's "Excess Flood"). A
-# room may cause --room-budget deliveries a second (a line to N members costs N).
-# Cost: people type a few lines a second and never notice; a room of 1,000 (the
-# lobby can be one) carries 40 lines a second.
+# Problem: one script could send as fast as it liked (binary frames and pings too),
+# each refused line earned a reply, and one busy room (200 users x 5 lines a second)
+# made a user in another room wait 4.6 s (p90).
+# Change: every frame takes a token from the user's bucket (--rate-per-second, up
+# to --rate-burst). The first refused gets `rate_limited` with `retry_after`, the
+# next ones nothing, and --rate-burst more close the connection at once with 4029
+# (`flooding`, IRC's "Excess Flood"); its address group waits --flood-penalty. A room
+# may cause --room-budget deliveries a second (a line to N members costs N).
+# Cost: none a typist notices; a room of 1,000 carries 40 lines a second.
 
 
 @dataclass
@@ -947,15 +942,13 @@ class FloodGuard:
 
 
 # ---- 12. Keepalive and idle timeout --------------------------------------------------
-# Problem: a laptop that sleeps or leaves the Wi-Fi sends no goodbye. Its socket
-# looks open for hours (TCP notices nothing without traffic), its name stays taken
-# and its seat counts against --max-connections.
-# Change: a WebSocket ping every --ping-interval seconds; a peer that does not
-# answer within another interval is gone. That is what "present" means here: a
-# student who listens for an hour, typing nothing, answers every ping and stays.
-# A user who typed nothing for --idle-timeout (3 hours: longer than any lesson) is
-# told and closed with 4008, which frees seats and names of people who left for good.
-# Both are timer callbacks on the loop, never sleeps. Cost: a ping frame per interval.
+# Problem: a laptop that sleeps or leaves the Wi-Fi sends no goodbye: its socket
+# looks open for hours, its name stays taken and its seat counts.
+# Change: a ping every --ping-interval seconds; a peer that does not answer within
+# another is gone. That is what "present" means: a student who listens for an hour
+# answers every ping and stays. Typing nothing for --idle-timeout (3 hours, longer
+# than a lesson) closes with 4008: it frees the seats of people who left for good.
+# Both are timer callbacks on the loop, never sleeps. Cost: a ping per interval.
 
 
 class IdleTimer:
@@ -986,30 +979,18 @@ class IdleTimer:
             self.on_idle()
 
 
-def duration_text(seconds: float) -> str:
-    """5 s, 10 minutes, 3 hours: a limit as people say it."""
-    for unit, size in (("hours", 3600), ("minutes", 60)):
-        if seconds >= 2 * size:
-            return f"{seconds / size:g} {unit}"
-    return f"{seconds:g} s"
-
-
 # ---- 13. Resume: a dropped user comes back, and loses nothing ------------------------
-# Problem: on a school Wi-Fi, connections drop. In Part I the user leaves every
-# room, everyone sees "left" and "joined" again, and what was said meanwhile is gone;
-# a laptop whose Wi-Fi died even left an open socket that swallowed the lines.
+# Problem: on a school Wi-Fi connections drop. In Part I the user leaves every room,
+# everyone sees "left" and "joined", and what was said meanwhile is gone.
 # Change: a connection that vanishes without a close frame keeps its session for
-# --resume-grace seconds. Every `message` carries `seq` (one counter for the server),
-# and each user keeps the last REPLAY_LIMIT_MESSAGES delivered to them. Reconnecting
-# with the token from `welcome` (and `last_seq`, the highest seq the client saw) gets
-# the same name, rooms and current room and every later message the server still
-# has, with no leave/join noise; `missed` says how many, `lost` how many it no longer
-# had. Every `welcome` carries a new token; the one used is dead. Held sessions are
-# bounded: at most --max-connections of them (one more ends the oldest), at most
-# --max-per-address per address group with the users online, 2 x --resume-grace in
-# all per session, and a held seat is given up to a live user who needs it.
-# Cost: 100 message references per user (the messages themselves are shared), and
-# under pressure a dropped user may lose their session before the grace ends.
+# --resume-grace seconds. Every `message` has a `seq`, and each user keeps the last
+# REPLAY_LIMIT_MESSAGES delivered. The token from `welcome` (with `last_seq`, the
+# newest the client saw) gets back name, rooms and every later message, with no
+# leave/join noise; `missed` counts them, `lost` what was no longer kept. Each
+# `welcome` has a new token. Held sessions are bounded: --max-connections in all
+# (then the oldest ends), --max-per-address per group with those online, 2 x
+# --resume-grace each in all, and a live user who needs a held seat gets it.
+# Cost: 100 message references per user; under pressure a session may end early.
 
 REPLAY_LIMIT_MESSAGES = 100  # messages kept per user, replayed on resume
 LOST_COUNT_LIMIT = 1000  # messages counted for `lost` per user; past it, `lost` is "at least"
@@ -1167,33 +1148,23 @@ class SessionStore:
 
 
 # ---- 14. Hardening -------------------------------------------------------------------
-# What one person with a script must not be able to take from the class. Each attack
-# below was run against the server on this machine, in bounded scripts; the numbers
-# are what it did before the change. tests/test_attacks.py and tests/test_doors.py
-# replay every one of them and check the bound. The server's own machine (127.0.0.1:
-# the teacher, the notebook, the tests) is exempt from the per-address limits, unless
-# its connections come through a trusted proxy.
+# What one person with a script must not be able to take from the class. The numbers
+# are what each attack did before the change; tests/test_attacks.py and test_doors.py
+# replay them. This machine (127.0.0.1) is exempt from the per-address limits.
 
 
 # ---- 14.1 The doors: descriptors, handshakes, requests, and each machine's share -----
-# Problem: every connection is an open file, and the HTTP phase before a WebSocket
-# is cheap to start and costly to serve. At the open-file limit Tornado's accept
-# handler failed on every pass of the loop (11,600 tracebacks in 3 s); connections
-# that sent their handshake a byte at a time were not capped; 26 addresses x 10
-# half-open handshakes filled all 256 slots; pipelined and kept-alive `GET /` held a
-# core at 100%, even after the client had gone. One laptop on IPv6 has a /64 of
-# addresses (200 of them took all 1,000 seats in 1.4 s), and behind a reverse proxy
-# every client is the proxy's address.
-# Change: addresses are grouped as machines are: IPv4 by address, IPv6 by
-# --ipv6-prefix; a --trusted-proxy's X-Real-Ip / X-Forwarded-For names the client.
-# Out of descriptors, accepting pauses for ACCEPT_PAUSE_SECONDS (as nginx does). At
-# most --max-handshakes connections may be in their HTTP phase, each group at most
-# --max-per-address of them, each for --handshake-timeout seconds in all; when the
-# slots are full, a newcomer from a group with none pending takes the oldest slot of
-# the biggest holder. A group may open --handshake-rate connections and make
-# --http-rate requests a second, and one connection MAX_REQUESTS_PER_CONNECTION.
-# Cost: our own accept loop. Behind a NAT, where a class shares one address,
-# --max-per-address and the rates must be raised (or 0).
+# Problem: at the open-file limit Tornado's accept handler failed on every loop pass
+# (11,600 tracebacks in 3 s); 26 addresses x 10 half-open handshakes filled all 256
+# slots; pipelined `GET /` held a core even after the client had gone; one IPv6
+# laptop (a /64) took all 1,000 seats in 1.4 s; behind a proxy all are one address.
+# Change: addresses are grouped as machines are (IPv4 by address, IPv6 by
+# --ipv6-prefix); a --trusted-proxy's X-Real-Ip / X-Forwarded-For names the client.
+# Out of descriptors, accepting pauses (as nginx does). --max-handshakes connections
+# may be in their HTTP phase, --max-per-address per group, --handshake-timeout in
+# all; when full, a group with none pending takes the oldest slot of the biggest
+# holder. Per group: --handshake-rate connections and --http-rate requests a second.
+# Cost: our own accept loop. Behind a NAT, raise the per-group limits (or 0).
 
 ACCEPT_PAUSE_SECONDS = 1.0  # how long accepting pauses when the process is out of file descriptors
 MAX_REQUESTS_PER_CONNECTION = 100  # HTTP requests on one kept-alive connection
@@ -1887,16 +1858,17 @@ class CrowdChatSocket(ChatSocket):
 
     def close_idle(self) -> None:
         """The idle timer fired: say why, then close with 4008 (12)."""
-        timeout = duration_text(self.manager.limits.idle_timeout)
-        self.send(Outbound(system_event(self.manager.timestamp(), f"Disconnected after {timeout} without "
-                                        "typing a line.", event="idle")))
+        minutes = self.manager.limits.idle_timeout / 60
+        self.send(Outbound(system_event(self.manager.timestamp(), f"Disconnected after {minutes:.3g} minutes "
+                                        "without typing a line.", event="idle")))
         self.close_by_server(CLOSE_IDLE, "idle timeout")
 
     def hang_up(self, code: int, reason: str) -> None:
         """Close, and drop the socket now rather than wait 5 s for the client's answer (11)."""
+        protocol = self.ws_connection
         self.close_by_server(code, reason)
-        if self.ws_connection is not None:
-            self.ws_connection.stream.close()
+        if protocol is not None:
+            protocol.stream.close()
 
     def log_exception(self, typ, value, tb) -> None:
         """A bug: log it with its traceback, naming the user but not the URL (it holds the token, 13)."""
@@ -2204,10 +2176,10 @@ def limits_from_flags(flags: argparse.Namespace, limits_class: type[Limits] = Cr
         sys.exit("chat.py: --rate-burst must be at least 1, or nobody could ever send a line.")
     if 0 < flags.max_backlog < MIN_BACKLOG_BYTES:  # one reply (a /rooms list) must always fit
         sys.exit(f"chat.py: --max-backlog must be 0 (off) or at least {MIN_BACKLOG_BYTES} bytes.")
-    unused = [f.name for f in fields(CrowdLimits) if f not in fields(limits_class) and getattr(flags, f.name) != f.default]
-    for name in unused:  # --lesson=1 with --idle-timeout=5: say so, rather than silently ignore it
-        print(f"chat.py: --{name.replace('_', '-')} is a Part II limit; --lesson={flags.lesson} does not "
-              "enforce it.", file=sys.stderr)
+    for unused in set(fields(CrowdLimits)) - set(fields(limits_class)):  # say so, rather than ignore it
+        if getattr(flags, unused.name) != unused.default:
+            print(f"chat.py: --{unused.name.replace('_', '-')} is a Part II limit; --lesson={flags.lesson} "
+                  "does not enforce it.", file=sys.stderr)
     return limits_class(**{name: getattr(flags, name) for name in (f.name for f in fields(limits_class))})
 
 

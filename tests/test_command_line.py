@@ -120,6 +120,7 @@ def test_the_defaults_suit_a_class():
     limits = chat.CrowdLimits()
     assert limits.room_capacity >= 100 and limits.rate_burst >= 5 and limits.rate_per_second >= 2
     assert limits.max_message_length == 500 and limits.max_backlog == 1024 * 1024
+    assert limits.idle_timeout >= 2 * 3600  # a silent student is never closed during a lesson
     assert 4096 <= limits.max_frame_bytes <= 16 * 1024
 
 
@@ -219,3 +220,33 @@ def test_a_bad_address_is_named_in_the_error():
     result = run_chat("--port=8999", "--address=192.0.2.77")  # a documentation address: never ours
     assert result.returncode != 0
     assert "cannot listen on 192.0.2.77 port 8999" in result.stderr and "--address" in result.stderr
+
+
+def test_start_up_is_one_block_to_read_out_lan_addresses_first_and_no_log_prefixes(chat_process):
+    """What to tell the class: each LAN address with its client command, localhost last and labelled."""
+    output, port = start_up_lines(chat_process)
+    block = output[output.index("Tell the class") if chat.lan_addresses() else output.index("Only this"):]
+    block = block[:block.index("status:")]
+    assert "[I " not in block and "chat:" not in block  # no log prefixes in what is read out
+    urls = [line.split()[-1] for line in block.splitlines() if "http://" in line]
+    assert urls == [chat.page_url(ip, port) for ip in chat.lan_addresses()] + [f"http://localhost:{port}/"]
+    assert "on this laptop only" in block and "To stop the server: press Ctrl-C." in block
+
+
+@pytest.mark.parametrize("flag", ["--idle-timeout=5", "--rate-per-second=1", "--resume-grace=0"])
+def test_a_part_two_flag_with_lesson_one_gets_a_one_line_warning(chat_process, flag):
+    """Part I does not enforce Part II's limits: `--lesson=1 --idle-timeout=5` says so instead of ignoring it."""
+    process, port = chat_process("--lesson=1", flag)
+    process.terminate()
+    output, _ = process.communicate(timeout=20)
+    name = flag.split("=")[0]
+    warnings = [line for line in output.splitlines() if name in line]
+    assert warnings == [f"chat.py: {name} is a Part II limit; --lesson=1 does not enforce it."]
+
+
+def test_part_two_flags_at_their_defaults_give_lesson_one_no_warning(chat_process):
+    """Only a Part II limit that was changed is worth a warning."""
+    process, _ = chat_process("--lesson=1")
+    process.terminate()
+    output, _ = process.communicate(timeout=20)
+    assert "Part II limit" not in output

@@ -532,6 +532,33 @@ async def test_after_the_grace_the_token_is_refused_with_bad_token_and_4004(chat
 
 
 @pytest.mark.gen_test
+async def test_a_token_from_before_a_restart_is_logged_as_a_return_not_a_refusal(chat_server, caplog):
+    """After a restart, returning clients are logged as what they are: "alice came back after a restart"."""
+    caplog.set_level("INFO", logger="chat")
+    earlier_run = chat.SessionStore(chat.CrowdLimits()).new_token()  # another run of the server issued it
+    alice = await chat_server.connect("alice", token=earlier_run)
+    assert (await alice.expect("error"))["code"] == "bad_token"  # the client then logs in afresh
+    await alice.closed()
+    lines = [record.getMessage() for record in caplog.records if record.name == "chat"]
+    assert any(line.startswith("alice came back after a restart from ") for line in lines)
+    assert not any("refused bad_token" in line for line in lines)
+
+
+@pytest.mark.limits(resume_grace=0.2)
+@pytest.mark.gen_test
+async def test_an_expired_token_of_this_run_is_logged_as_a_refusal(chat_server, caplog):
+    """A token this run issued and forgot is a refusal in the log, not a restart."""
+    caplog.set_level("INFO", logger="chat")
+    alice = await chat_server.join("alice")
+    alice.drop()
+    await wait_until(lambda: chat_server.manager.status()["sessions_held"] == 0
+                     and not chat_server.manager.status()["users"], "alice's session expired")
+    late = await chat_server.connect("alice", token=alice.welcome["token"])
+    await late.closed()
+    assert any("refused bad_token" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.gen_test
 async def test_a_wrong_token_is_refused_with_bad_token_and_4004(chat_server):
     """Resume: a token the server never issued gets `error` `bad_token`, then close 4004."""
     alice = await chat_server.join("alice")

@@ -50,7 +50,7 @@ def test_each_tour_anchor_points_at_its_section_banner(number, title, line):
 
 def chat_flags() -> list[str]:
     """The flags chat.py defines: one per Limits field, and the others its --help lists."""
-    parser_flags = re.findall(r"^  (--[a-z-]+)", subprocess.run(
+    parser_flags = re.findall(r"^  (--[a-z0-9-]+)", subprocess.run(
         [sys.executable, str(ROOT / "chat.py"), "--help"], capture_output=True, text=True, check=True).stdout, re.M)
     assert {f"--{field.name.replace('_', '-')}" for field in dataclasses.fields(chat.CrowdLimits)} <= set(parser_flags)
     return [flag[2:].replace("-", "_") for flag in parser_flags if flag != "--help"]
