@@ -639,12 +639,25 @@ def test_a_line_the_server_still_refuses_for_its_rate_stays_and_goes_again_in_or
     assert [carol.expect("message", username="alice")["text"] for _ in lines] == lines
     notices = alice.seen("notice")
     print(f"notices: {notices[:3]}")
-    assert notices and all(re.fullmatch(r"Slow down, said the server: “eager \d+” goes again in 1 s\.", notice)
-                           for notice in notices)
+    assert notices and all(re.fullmatch(r"Slow down: .*again in 1 s\. “eager \d+” waits and goes then\.", notice)
+                           and not re.search(r"\d\.\d s", notice) for notice in notices)
     assert alice.js("return document.getElementById('line').value") == ""  # nothing put back to merge with
     alice.wait_for(lambda: alice.lines()[-1].endswith("alice eager 20"), "the last line echoed")
     assert [line[9:] for line in alice.lines() if "eager" in line] == [f"alice {line}" for line in lines]
 
+
+
+@pytest.mark.limits(room_budget=20)
+def test_a_line_refused_because_the_room_is_busy_waits_and_goes_again(server, alice):
+    """A room over its delivery budget refuses a line with "#lobby is busy": it goes again, in order, nothing lost."""
+    carol = server.join("carol")  # a line to the lobby now costs 2 of its 20 deliveries a second (2 at once)
+    alice.watch("notice")
+    lines = [f"busy {number}" for number in range(1, 9)]
+    alice.type_fast(lines)
+    assert [carol.expect("message", username="alice")["text"] for _ in lines] == lines
+    notices = alice.seen("notice")
+    assert notices and all("#lobby is busy" in notice and re.search(r"again in 1 s\. “busy \d+” waits and goes then\.$", notice)
+                           for notice in notices), notices
 
 @pytest.mark.limits(max_message_length=20)
 def test_a_notice_about_the_line_clears_when_the_line_or_the_room_changes(server, alice):
