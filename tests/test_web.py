@@ -659,6 +659,21 @@ def test_a_line_refused_because_the_room_is_busy_waits_and_goes_again(server, al
     assert notices and all("#lobby is busy" in notice and re.search(r"again in 1 s\. “busy \d+” waits and goes then\.$", notice)
                            for notice in notices), notices
 
+
+@pytest.mark.limits(max_message_length=20)
+def test_a_line_the_server_refuses_for_another_reason_stays_visible_and_is_never_merged(server, alice):
+    """A chat line the server refuses (here too long, the page's own check switched off) is shown with the
+    reason; the next line goes as typed, alone."""
+    carol = server.join("carol")
+    alice.js("model.limits.maxChars = 0")  # as if the page had not been told the limit
+    alice.type_fast(["y" * 25, "next line"])
+    assert carol.expect("message", username="alice")["text"] == "next line"
+    alice.wait_for_line("Your line: “" + "y" * 25 + "”")
+    [refused] = [line for line in alice.lines() if "Your line: " in line]
+    assert "limit is 20" in refused
+    assert alice.js("return document.getElementById('line').value") == ""
+    alice.screenshot("refused-too-long")
+
 @pytest.mark.limits(max_message_length=20)
 def test_a_notice_about_the_line_clears_when_the_line_or_the_room_changes(server, alice):
     """ "Your line has 21 characters" goes away once the line is edited, or once another room is current."""
