@@ -782,8 +782,10 @@ class CrowdLimits(Limits):
     announce_limit: int = limit(100, "rooms with more users than this get no join/leave notices")
     rate_per_second: float = limit(5.0, "lines (and other frames) a user may send per second, on average")
     rate_burst: int = limit(10, "lines a user may send in a quick burst (at least 1)")
-    room_budget: int = limit(40_000, "deliveries a second one room may cause: a line to a room "
+    room_budget: int = limit(20_000, "deliveries a second one room may cause: a line to a room "
                              "of N users costs N")
+    server_budget: int = limit(60_000, "deliveries a second the busy rooms may cause together (a "
+                               "room that has been quiet is never refused for it)")
     flood_penalty: float = limit(10.0, "seconds a flooder's address group must wait to log in again")
     idle_timeout: float = limit(3 * 3600.0, "seconds without a typed line before a user is "
                                 "disconnected (a connected, silent user stays: a lesson is shorter)")
@@ -864,8 +866,9 @@ def is_quiet(room: Room, announce_limit: int) -> bool:
 # to --rate-burst). The first refused gets `rate_limited` with `retry_after`, the
 # next ones nothing, and --rate-burst more close the connection at once with 4029
 # (`flooding`, IRC's "Excess Flood"); its address group waits --flood-penalty. A room
-# may cause --room-budget deliveries a second (a line to N members costs N).
-# Cost: none a typist notices; a room of 1,000 carries 40 lines a second.
+# may cause --room-budget deliveries a second (a line to N members costs N), and
+# the busy rooms together --server-budget: a third of what one core carries.
+# Cost: none a typist notices; a room of 1,000 carries 20 lines a second.
 
 
 @dataclass
@@ -904,6 +907,8 @@ class FloodGuard:
         """No buckets yet: a user's comes with the user, a room's with its first message."""
         self.limits = limits
         self.room_budgets: dict[str, TokenBucket] = {}  # keyed by room name
+        rate = limits.server_budget
+        self.server_budget = TokenBucket(rate, rate / 10, rate / 10, time.monotonic()) if rate else None
 
     def new_bucket(self, now: float) -> TokenBucket:
         """A full bucket for a user who just logged in."""
@@ -935,6 +940,12 @@ class FloodGuard:
         retry_after = bucket.take(now, cost=len(room.members))
         if retry_after:
             raise rate_limited(retry_after, f"#{room.name} is busy: you")
+        # The busy rooms share the server's budget; a room whose own bucket is still half
+        # full has been quiet, and is never refused for what the others spent.
+        if self.server_budget is not None and bucket.tokens < bucket.burst / 2:
+            retry_after = self.server_budget.take(now, cost=len(room.members))
+            if retry_after:
+                raise rate_limited(retry_after, "the server is busy: you")
 
     def forget_room(self, room_name: str) -> None:
         """A room that disappears takes its budget along."""
@@ -2099,16 +2110,16 @@ def lan_addresses() -> list[str]:
 
 
 def where_to_connect(address: str, port: int) -> str:
-    """What the teacher reads out: the page and client command for each LAN address, localhost last."""
+    """What the teacher reads out: the page and client command per LAN address, this laptop last."""
     hosts = hosts_to_share(address)
     others = [host for host in hosts if host != "localhost"]
-    lines = ["", "Tell the class to open this page, or to run the client:" if others else
-             "Only this machine can connect (--address); open this page, or run the client:"]
+    lines = ["", "Tell the class to open this address in a browser (or to run the client):" if others else
+             "Only this laptop can connect (see --address). Open the page, or run the client:"]
     for host in others + ["localhost"] * ("localhost" in hosts):
-        label = "  on this laptop only:" if host == "localhost" else " "
-        lines += [f"{label} {page_url(host, port)}", f"{' ' * len(label)}   python client.py NAME "
-                  f"--host {host} --port {port}"]
-    lines += ["To stop the server: press Ctrl-C.", f"(status: {page_url(hosts[0], port)}status)", ""]
+        if host == "localhost" and others:
+            lines.append("On this laptop only:")
+        lines.append(f"    {page_url(host, port):<28}  python client.py NAME --host {host} --port {port}")
+    lines += [f"To stop the server, press Ctrl-C.   (status: {page_url(hosts[0], port)}status)", ""]
     return "\n".join(lines)
 
 

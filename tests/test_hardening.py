@@ -855,3 +855,23 @@ async def test_a_bug_while_serving_a_resumed_user_is_logged_with_a_traceback_but
     assert (await bob.expect("message"))["text"] == "still here"
     assert any(record.exc_info and record.exc_info[0] is RuntimeError for record in caplog.records)
     assert alice.welcome["token"] not in caplog.text
+
+
+@pytest.mark.limits(rate_per_second=0, room_budget=400, server_budget=60)
+@pytest.mark.gen_test
+async def test_busy_rooms_share_the_server_budget_and_a_quiet_room_is_never_refused_for_it(chat_server):
+    """Server budget: rooms that spent half their own bucket share --server-budget; a quiet room does not."""
+    chat_server.manager.clock = FakeClock()  # no refills during the test
+    members = [await chat_server.join(name) for name in ("alice", "bob", "carol", "dave")]
+    for member in members:
+        await member.say("/join busy")
+        await member.expect("joined", room="busy")
+    erin = await chat_server.join("erin")
+    await erin.say("/join quiet")
+    await erin.expect("joined", room="quiet")
+    for number in range(8):  # 4 deliveries each: the room's bucket (40) is half spent after 5
+        await members[0].say(f"spam {number}")
+    refusals = [event["text"] for event in await members[0].sync() if event["type"] == "error"]
+    assert refusals and all("the server is busy" in text for text in refusals)
+    await erin.say("the quiet room is fine")
+    assert (await erin.expect("message"))["text"] == "the quiet room is fine"
