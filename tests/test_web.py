@@ -656,8 +656,8 @@ def test_a_line_refused_because_the_room_is_busy_waits_and_goes_again(server, al
     alice.type_fast(lines)
     assert [carol.expect("message", username="alice")["text"] for _ in lines] == lines
     notices = alice.seen("notice")
-    assert notices and all("#lobby is busy" in notice and re.search(r"again in 1 s\. “busy \d+” waits and goes then\.$", notice)
-                           for notice in notices), notices
+    waits = r"again in 1 s\. “busy \d+” waits and goes then\.$"
+    assert notices and all("#lobby is busy" in notice and re.search(waits, notice) for notice in notices), notices
 
 
 @pytest.mark.limits(max_message_length=20)
@@ -771,16 +771,17 @@ def test_reconnect_delays_grow_with_jitter_as_in_the_terminal_client(server, ali
 
 @pytest.mark.limits(idle_timeout=1)
 def test_after_an_idle_timeout_the_page_says_so_in_minutes_and_one_click_comes_back(server, alice):
-    """4008: "after N without typing" from welcome.limits.idle_timeout; one click logs in afresh, with no false "restart"."""
+    """4008: "after N without typing" (welcome.limits.idle_timeout); one click logs in afresh, no false "restart"."""
     alice.type("/join general")
     alice.wait_for_line("You were disconnected after 1 second without typing. Press Enter or click Reconnect")
     assert alice.header()[2] == "offline" and alice.reconnect_button()
     alice.screenshot("idle-offline")
     alice.js("document.getElementById('reconnect').click()")
-    every_line = "return [...model.rooms.values(), ...model.leftRooms.values()].flatMap(room => room.lines).map(line => line.text)"
+    every_line = """return [...model.rooms.values(), ...model.leftRooms.values()]
+                      .flatMap(room => room.lines).map(line => line.text)"""  # of every room, shown or not
     alice.wait_for(lambda: sum("Connected as alice" in line for line in alice.js(every_line)) == 2, "a second login")
     assert not [line for line in alice.js(every_line) if "restart" in line or "no longer knows" in line]
-    assert not [line for line in alice.js(every_line) if "Disconnected after" in line]  # the server's notice: ours says it
+    assert not [line for line in alice.js(every_line) if "Disconnected after" in line]  # the server's: ours says it
 
 
 def test_durations_are_rounded_up_to_a_sensible_unit(server, alice):
@@ -815,7 +816,7 @@ def close_code_set(name: str) -> set[int]:
 
 
 def test_the_page_stays_offline_after_the_same_closes_as_the_terminal_client():
-    """The page's stay-offline and back-to-the-login closes are client.py's FINAL_CLOSE_CODES, so the two cannot drift."""
+    """The page's stay-offline and back-to-the-login closes are client.py's FINAL_CLOSE_CODES: they cannot drift."""
     import client
     offline, refused = close_code_set("OFFLINE_CLOSE_CODES"), close_code_set("REFUSED_CLOSE_CODES")
     assert offline == {1002, 4005, 4008, 4010, 4029} and refused == {4001, 4002, 4003}
@@ -918,6 +919,9 @@ def test_on_a_phone_nothing_scrolls_sideways_and_the_input_stays_on_screen(serve
         carol.say("a long line that goes on and on " * 8)
     carol.say("unbroken" * 40)
     alice.wait_for_line("unbroken" * 40)
+    alice.type("/help")  # its table fits too
+    alice.wait_for(lambda: alice.js(HELP_TABLE), "the help table")
+    alice.screenshot("phone")
     size = alice.js("""
         const page = document.documentElement, box = document.getElementById('messages');
         const input = document.getElementById('line').getBoundingClientRect();
