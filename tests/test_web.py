@@ -626,6 +626,14 @@ def test_lines_typed_faster_than_the_rate_wait_their_turn_and_all_arrive_in_orde
     assert not [line for line in alice.lines() if "Slow down" in line] and alice.notice() == ""
 
 
+def type_all_then_send(page: Page, lines: list[str]) -> None:
+    """Type the lines while the page holds them back, then let them go: they leave as fast as the page allows."""
+    page.js("pacer.holdUntil = Infinity")
+    page.type_fast(lines)
+    page.wait_for(lambda: page.js("return pacer.lines.length") == len(lines), "every line waiting")
+    page.js("pacer.holdUntil = 0; pacer.pump()")
+
+
 def test_a_line_the_server_still_refuses_for_its_rate_stays_and_goes_again_in_order(server, alice):
     """With the page's pacing switched off, the server refuses lines: each refused line is named with
     "goes again in 1 s" (never "0.0 s") and sent again; all 20 arrive, in order, none merged or lost."""
@@ -633,7 +641,7 @@ def test_a_line_the_server_still_refuses_for_its_rate_stays_and_goes_again_in_or
     alice.js("pacer.perSecond = 0")  # as if the page trusted a far bigger burst than the server's
     alice.watch("notice")
     lines = [f"eager {number}" for number in range(1, 21)]
-    alice.type_fast(lines)
+    type_all_then_send(alice, lines)  # back to back, however slowly the browser takes keys
     alice.wait_for(lambda: alice.seen("notice"), "a refusal")
     alice.screenshot("refused-for-rate")
     assert [carol.expect("message", username="alice")["text"] for _ in lines] == lines
@@ -653,7 +661,7 @@ def test_a_line_refused_because_the_room_is_busy_waits_and_goes_again(server, al
     carol = server.join("carol")  # a line to the lobby now costs 2 of its 20 deliveries a second (2 at once)
     alice.watch("notice")
     lines = [f"busy {number}" for number in range(1, 9)]
-    alice.type_fast(lines)
+    type_all_then_send(alice, lines)
     assert [carol.expect("message", username="alice")["text"] for _ in lines] == lines
     notices = alice.seen("notice")
     waits = r"again in 1 s\. “busy \d+” waits and goes then\.$"
