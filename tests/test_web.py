@@ -503,6 +503,15 @@ def test_rooms_and_users_replies_are_shown_in_the_message_area(server, alice):
     alice.wait_for_line("Users in #lobby (2): alice, carol")
 
 
+def test_the_page_reads_the_limits_by_their_current_names(server, alice):
+    """welcome.limits' max_message_length, idle_timeout, resume_grace, rate_per_second and rate_burst, no old alias."""
+    limits = server.limits
+    assert alice.js("return model.limits") == {
+        "maxChars": limits.max_message_length, "idleSeconds": limits.idle_timeout,
+        "graceSeconds": limits.resume_grace, "ratePerSecond": limits.rate_per_second, "rateBurst": limits.rate_burst}
+    for old_name in ("max_message_chars", "idle_timeout_seconds", "resume_grace_seconds"):
+        assert old_name not in PAGE
+
 HELP_TABLE = """return [...document.querySelectorAll('#messages .help tr')].map(row => [...row.cells].map(cell => {
                    const box = cell.getBoundingClientRect();
                    return {text: cell.textContent, left: box.left, right: box.right,
@@ -722,6 +731,8 @@ def test_a_dropped_connection_resumes_the_session_and_shows_a_missed_message_onc
     carol = server.join("carol")
     server.drop("alice")
     carol.say("while you were away")
+    alice.wait_for_line("Disconnected: the connection broke. Reconnecting (the server keeps your session for "
+                        "30 seconds)...")
     alice.wait_for_line("Reconnected: your session is back")
     alice.wait_for_line("carol while you were away")
     assert sum("while you were away" in line for line in alice.lines()) == 1
