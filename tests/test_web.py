@@ -804,12 +804,14 @@ def test_after_an_idle_timeout_the_page_says_so_in_minutes_and_one_click_comes_b
 
 
 def test_durations_are_rounded_up_to_a_sensible_unit(server, alice):
-    """retry_after as "1 s", "3 s", "2 min" (never "0.0 s"); limits as "1 second", "10 minutes", "2 hours"."""
+    """retry_after as "1 s", "3 s", "2 min" (never "0.0 s"); limits as client.py says them: "10 minutes", "3 hours"."""
     waits = {0.0: "1 s", 0.004: "1 s", 0.2: "1 s", 1.0: "1 s", 2.2: "3 s", 59.5: "1 min", 95: "2 min"}
     assert alice.js("return arguments[0].map(waitText)", list(waits)) == list(waits.values())
-    spans = {1: "1 second", 30: "30 seconds", 60: "1 minute", 600: "10 minutes", 5400: "90 minutes",
-             7200: "2 hours", 14400: "4 hours"}
+    import client
+    spans = {0.5: "0.5 seconds", 1: "1 second", 30: "30 seconds", 60: "1 minute", 600: "10 minutes",
+             5400: "1.5 hours", 7200: "2 hours", 10800: "3 hours"}
     assert alice.js("return arguments[0].map(durationText)", list(spans)) == list(spans.values())
+    assert [client.duration(span) for span in spans] == list(spans.values())  # the terminal client says the same
 
 
 def test_coming_back_to_the_page_connects_again_in_the_same_rooms(server, alice):
