@@ -1869,9 +1869,10 @@ class CrowdChatSocket(ChatSocket):
 
     def close_idle(self) -> None:
         """The idle timer fired: say why, then close with 4008 (12)."""
-        minutes = self.manager.limits.idle_timeout / 60
-        self.send(Outbound(system_event(self.manager.timestamp(), f"Disconnected after {minutes:.3g} minutes "
-                                        "without typing a line.", event="idle")))
+        timeout = self.manager.limits.idle_timeout
+        silence = f"{timeout / 3600:.3g} hours" if timeout >= 7200 else f"{timeout:g} seconds"
+        self.send(Outbound(system_event(self.manager.timestamp(), f"Disconnected after {silence} without "
+                                        "typing a line.", event="idle")))
         self.close_by_server(CLOSE_IDLE, "idle timeout")
 
     def hang_up(self, code: int, reason: str) -> None:
