@@ -2198,7 +2198,8 @@ def limits_from_flags(flags: argparse.Namespace, limits_class: type[Limits] = Cr
 def configure_logging(level_name: str) -> None:
     """One readable line per event on stderr, at the chosen level."""
     handler = logging.StreamHandler()
-    handler.setFormatter(tornado.log.LogFormatter())
+    handler.setFormatter(tornado.log.LogFormatter(  # "[I 17:59:35] connect alice ...": no file and line
+        fmt="%(color)s[%(levelname)1.1s %(asctime)s]%(end_color)s %(message)s", datefmt="%H:%M:%S"))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.CRITICAL + 1 if level_name == "none" else level_name.upper())
