@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import re
+import select
 import socket
 import subprocess
 import sys
@@ -137,12 +138,15 @@ class Screen:
                                      cwd=str(ROOT), env=client_env(), dimensions=(rows, cols))
         # blessed asks the terminal questions at start-up; pyte's answers must reach it.
         self.screen.write_process_input = lambda data: self.proc.write(data.encode())
+        self.hanging_up = threading.Event()  # set by hang_up(): the reader stops, the terminal goes
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
     def _read(self) -> None:
-        """Background thread: feed everything the client writes to the emulator."""
-        while True:
+        """Background thread: feed everything the client writes to the emulator (until hang_up)."""
+        while not self.hanging_up.is_set():
+            if not select.select([self.proc.fd], [], [], POLL_SECONDS)[0]:
+                continue
             try:
                 data = self.proc.read(65536)
             except EOFError:
@@ -210,6 +214,13 @@ class Screen:
     def terminal_modes(self) -> list:
         """The pseudo-terminal's termios modes (echo, canonical input ...), as the client left them."""
         return termios.tcgetattr(self.proc.fd)
+
+    def hang_up(self) -> None:
+        """Close the terminal, as its window's close button does: the kernel sends the client SIGHUP,
+        and the client's writes to the terminal fail from then on."""
+        self.hanging_up.set()
+        self.reader.join(WAIT_SECONDS)
+        self.proc.fileobj.close()
 
     def close(self) -> None:
         """Stop the client if it still runs."""

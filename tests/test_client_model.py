@@ -978,3 +978,28 @@ def test_every_character_the_server_cleans_the_client_cleans_too():
     leaks = [hex(code) for code in range(0x110000)
              if chat.clean_text(chr(code)) != chr(code) and chr(code) in client.clean(chr(code))]
     assert leaks == []
+
+
+@pytest.fixture
+def topic_command(monkeypatch):
+    """chat.py's command table with one more command, as a student's exercise adds one."""
+    monkeypatch.setitem(chat.COMMANDS, "topic", chat.Command("/topic <text>", "set the room's topic",
+                                                             lambda manager, user, argument: None))
+
+
+@pytest.mark.gen_test
+async def test_tab_completes_a_command_the_student_added_to_the_servers_table(topic_command, chat_server):
+    """The client asks the real server for /help after logging in, quietly: /topic completes, nothing is shown."""
+    from conftest import wait_until
+
+    model, shown = Model("ws://x/ws", "carol"), []
+    url = f"ws://127.0.0.1:{chat_server.port}/ws"
+    connection = client.Connection(client.Settings("carol", url, True), model, shown.extend, False)
+    await connection.connect(first=True)
+    connection.start()
+    await wait_until(lambda: "/topic" in model.commands, "the server's commands learnt")
+    line = typed("/to")
+    line.complete(client.completion_pool(model, line.text))
+    assert line.text == "/topic "
+    assert not any("topic" in line.text for line in shown)
+    await connection.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -254,3 +255,56 @@ def test_help_explains_every_flag_and_the_keys(flag):
     """`client.py --help` lists the flags (with defaults), the commands and the keys."""
     result = run_client("--help")
     assert result.returncode == 0 and flag in result.stdout
+
+
+# ---- what people paste (issue 19, item 2) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("flags", [
+    ["--host", "127.0.0.1:{port}"],
+    ["--host", "http://127.0.0.1:{port}/"],
+    ["--host", "ws://127.0.0.1:{port}"],
+    ["--url", "ws://127.0.0.1:{port}"],
+    ["--host", "[::1]:{port}"],
+], ids=["host-port", "page-address", "ws-url", "url-without-ws", "ipv6"])
+def test_every_address_form_people_paste_reaches_the_server(chat_process, flags):
+    """The forms that ended in a traceback or "non-websocket response" now chat."""
+    if "[::1]" in flags[1] and not socket.has_ipv6:
+        pytest.skip("this system has no IPv6")
+    _, port = chat_process()  # on every interface, IPv6 too
+    result = run_client("dave", *[flag.format(port=port) for flag in flags], stdin="hello\n")
+    assert result.returncode == 0, result.stderr
+    assert re.search(rf"{TIME} #lobby <dave> hello", result.stdout) and result.stderr == ""
+
+
+@pytest.mark.parametrize("args, env, sentence", [
+    (["--host", "http://127.0.0.1:abc/"], {},
+     "client.py: --host 'http://127.0.0.1:abc/' is not a server address: give a host name or IP address, "
+     "optionally with :PORT (like 192.168.1.20:8888 or [::1]:8888), or the address the server printed "
+     "(http://... or ws://...)."),
+    ([], {"CHAT_PORT": "abc"}, "client.py: CHAT_PORT must be a port number (1-65535), not 'abc'."),
+    (["--port=9000"], {"CHAT_PORT": "²"}, "client.py: CHAT_PORT must be a port number (1-65535), not '²'."),
+], ids=["bad-host", "chat-port-abc", "chat-port-superscript"])
+def test_a_bad_address_or_chat_port_is_one_line_and_no_traceback(args, env, sentence):
+    """A real client.py with a bad value: exactly one line on stderr, exit code 1, nothing else."""
+    result = subprocess.run([sys.executable, str(ROOT / "client.py"), "dave", *args], input="", capture_output=True,
+                            text=True, timeout=20, env=client_env(**env), cwd=ROOT, check=False)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.splitlines() == [sentence] and "Traceback" not in result.stderr
+
+
+# ---- leaving (issue 19, item 3) -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["SIGHUP", "SIGTERM"])
+def test_a_hang_up_or_a_kill_ends_plain_mode_with_a_goodbye(bob, server, name):
+    """Plain mode too leaves like /quit on SIGHUP (and SIGTERM): bob sees dave leave at once."""
+    number = getattr(signal, name, None)
+    if number is None:
+        pytest.skip(f"this system has no {name}")
+    dave = PlainClient("dave", server)
+    bob.wait_for_line(r"\* dave joined #lobby$")
+    dave.proc.send_signal(number)
+    assert dave.exit_code() == 0
+    bob.wait_for_line(r"\* dave left")  # at once: within the wait, well inside the 30 s resume grace
+    assert status(server)["sessions_held"] == 0

@@ -14,8 +14,8 @@ import urllib.request
 
 import pytest
 from conftest import free_port
-from screen import (CAROL_EVENTS, HOSTILE_EVENTS, NO_PTY, Screen, ScriptedServer, display_width, held_refusal,
-                    start_server, stop_server, wait_for)
+from screen import (CAROL_EVENTS, HOSTILE_EVENTS, NO_PTY, PlainClient, Screen, ScriptedServer, display_width,
+                    held_refusal, start_server, stop_server, wait_for)
 
 import client
 
@@ -23,7 +23,7 @@ termios = pytest.importorskip("termios", reason=NO_PTY)  # every test here runs 
 
 ROWS, COLS = 24, 100
 PAGE_UP, PAGE_DOWN, UP, DOWN = "\x1b[5~", "\x1b[6~", "\x1b[A", "\x1b[B"
-TAB, CTRL_C, CTRL_Z = "\t", "\x03", "\x1a"
+TAB, CTRL_C, CTRL_Z, F2 = "\t", "\x03", "\x1a", "\x1bOQ"
 
 
 @pytest.fixture
@@ -437,3 +437,101 @@ def test_control_characters_from_the_server_never_reach_the_terminal(screens):
         hostile.stop()
     assert b"\x1b]" not in carol.raw and b"\x07" not in carol.raw  # no OSC (window title), no BEL
     assert "\u202e".encode() not in carol.raw and "\x9b".encode() not in carol.raw
+
+
+# ---- leaving when the terminal window closes (SIGHUP) ---------------------------------
+
+
+@pytest.fixture
+def bob_listening(chat_process):
+    """A chat server with the default resume grace (30 s), and bob in plain mode in its lobby."""
+    _, port = chat_process()
+    bob = PlainClient("bob", port)
+    yield bob, port
+    bob.proc.kill()
+    bob.proc.wait()
+
+
+def test_sighup_leaves_like_quit_with_a_goodbye_and_the_terminal_restored(screens, bob_listening):
+    """SIGHUP (what closing the terminal window sends) ends the client as /quit does: exit code 0, the
+    terminal restored, and a close frame, so bob sees carol leave at once, not after the 30 s grace."""
+    bob, port = bob_listening
+    carol = screens("carol", port, rows=24, cols=80)
+    bob.wait_for_line(r"carol joined #lobby$")
+    os.kill(carol.proc.pid, signal.SIGHUP)
+    assert carol.wait_exit() == 0 and terminal_is_restored(carol)
+    bob.wait_for_line(r"\* carol left")  # within WAIT_SECONDS x 2, well inside the 30 s grace
+    assert sessions_held(port) == 0
+
+
+def test_closing_the_terminal_window_leaves_with_a_goodbye(screens, bob_listening):
+    """The window closes: the pseudo-terminal's master side goes, the kernel sends SIGHUP, and writes to
+    the terminal fail. The client still says goodbye: bob sees carol leave at once, no session is held."""
+    bob, port = bob_listening
+    carol = screens("carol", port, rows=24, cols=80)
+    bob.wait_for_line(r"carol joined #lobby$")
+    carol.hang_up()
+    wait_for(lambda: process_state(carol.proc.pid) == "Z", what=lambda: "the client to exit")  # exited, unreaped
+    bob.wait_for_line(r"\* carol left")
+    assert sessions_held(port) == 0
+
+
+# ---- an 80x24 terminal, and a 60x20 one ---------------------------------------------------------
+
+
+def message_column(screen: Screen, text: str) -> int:
+    """Columns the message area gives a message's text, measured on screen from the row showing `text`."""
+    row = next(line for line in screen.lines() if text in line)
+    start = row.index(" │ ") + 3
+    border = row.find("│", start)
+    return (border if border >= 0 else len(row)) - start - 1  # a column of margin before the edge or border
+
+
+def status_hints(screen: Screen) -> list[str]:
+    """The status bar's hints, as written on screen."""
+    return [hint.strip() for hint in screen.lines()[-2].split(" · ")]
+
+
+@pytest.mark.parametrize("rows, cols, column", [(24, 80, 55), (20, 60, 39)])
+def test_a_narrow_terminal_gives_the_messages_its_width_and_a_status_bar_that_fits(carol_and_bob, screens, port,
+                                                                                   rows, cols, column):
+    """At 80x24 the sidebar folds away: the message column is 55 wide (it was 37), the header counts the
+    users, and the status bar holds whole hints only (never "/quit l"), F2 among them."""
+    _, bob = carol_and_bob
+    dave = screens("dave", port, rows=rows, cols=cols)
+    text = " ".join(["word"] * 40)[:column].rstrip()
+    bob.send(text)
+    dave.wait_for_text(f"bob │ {text}")  # on one row
+    assert message_column(dave, text) == column
+    assert "Rooms" not in dave.text() and "3 users here" in dave.header()
+    hints = status_hints(dave)
+    assert hints[-1] == "/quit leaves" and "F2 rooms & users" in hints
+    assert set(hints) <= {hint for _, hint in client.HINTS} and display_width(dave.lines()[-2]) == cols
+
+
+def test_f2_shows_the_rooms_and_users_on_a_narrow_terminal_and_hides_them_again(carol_and_bob, screens, port):
+    """Rooms and users stay a key away: F2 (or Ctrl-G) brings the sidebar back, F2 again folds it."""
+    dave = screens("dave", port, rows=24, cols=80)
+    dave.type(F2)
+    wait_for(lambda: "│ Rooms" in dave.text() and "│ Users (3)" in dave.text(), what=dave.text)
+    assert display_width(dave.lines()[-2]) == 80
+    dave.type(F2)
+    wait_for(lambda: "Rooms" not in dave.text(), what=dave.text)
+    dave.type(client.ctrl("g"))
+    wait_for(lambda: "│ Rooms" in dave.text(), what=dave.text)
+
+
+# ---- Tab completes the server's commands -----------------------------------------------------
+
+
+def test_tab_completes_a_command_only_the_servers_help_lists(screens):
+    """A server whose command table has /topic (a student's new command): Tab completes /to to /topic,
+    and the client's own question for the list shows nothing on screen."""
+    server = ScriptedServer(CAROL_EVENTS)
+    try:
+        carol = screens("carol", server.port)
+        carol.type("/to" + TAB)
+        wait_for(lambda: carol.input_line().startswith("#lobby › /topic "), what=lambda: carol.input_line())
+        assert not carol.shows("set the room's topic") and not carol.shows("carol │ /help")
+    finally:
+        server.stop()
