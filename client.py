@@ -9,8 +9,10 @@ Run it:
 The split view is a small weechat: a header (current room, your name, server,
 connection state), the messages of the current room, a sidebar with your rooms
 (and their unread counts) and the room's users, and the input line at the bottom.
-Plain line mode (--plain, or whenever stdin or stdout is not a terminal) reads
-lines and prints one line per event.
+Below 100 columns the sidebar folds away (F2 brings it back), so an 80x24 terminal
+keeps 55 columns for messages. Plain line mode (--plain, or whenever stdin or
+stdout is not a terminal) reads lines and prints one line per event. Closing the
+terminal window (SIGHUP) leaves as /quit does: a goodbye, so the name is free at once.
 
 How it runs
 -----------
@@ -32,7 +34,7 @@ Sections
  3. Model             lines, rooms, users, unread counts, connection state
  4. Events            one handler per server event type, folding it into the model
  5. Input line        editing, history, Tab completion
- 6. Connection        log in, resume with the token, reconnect with backoff
+ 6. Connection        log in, resume with the token, the reconnect rule
  7. Plain line mode   stdin lines in, one printed line per event out
  8. Split view: draw  header, messages, sidebar, status bar, input line
  9. Split view: run   keys, commands, signals, terminal modes
@@ -1138,11 +1140,12 @@ class Connection:
         self.token = ""
         self.rejoin = rejoin_order(list(self.model.rooms), self.model.room)
         rooms = ", ".join(f"#{name}" for name in self.rejoin)
-        afresh = f"logging in afresh as {self.model.username}" + (f", then rejoining {rooms}" if rooms else "")
+        then = f", then rejoining {rooms}" if rooms else ""
         if self.last_close in SESSION_ENDED_CODES:
-            text = afresh[0].upper() + afresh[1:] + "."
+            text = f"Logging in afresh as {self.model.username}{then}."
         else:
-            text = f"The server no longer knows this session (it restarted, or the session expired): {afresh}."
+            text = (f"The server no longer knows this session (it restarted, or the session expired): "
+                    f"logging in afresh as {self.model.username}{then}.")
         lines = [add_line(self.model, Line("error", text, local_time(), room=name))
                  for name in list(self.model.rooms)]
         self.show(lines[:1])  # in every room, so it is there whichever one we end up in; printed once
@@ -1474,7 +1477,8 @@ class Layout:
     def sidebar(self) -> int:
         """Columns of the sidebar: on a wide terminal, or when F2 asked for it; else 0, hidden."""
         wide = self.width >= WITH_SIDEBAR_COLUMNS
-        if not (wide if self.wants_sidebar is None else self.wants_sidebar) or self.width < MIN_SIDEBAR_COLUMNS:
+        shown = wide if self.wants_sidebar is None else self.wants_sidebar
+        if not shown or self.width < MIN_SIDEBAR_COLUMNS:
             return 0
         return SIDEBAR_COLUMNS if wide else NARROW_SIDEBAR_COLUMNS
 
