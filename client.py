@@ -270,12 +270,18 @@ def cell_width(cell: str) -> int:
     return max(wcswidth(cell), 0)
 
 
+NARROW_SYMBOLS = dict.fromkeys(map(ord, "·›│…"), "-")  # the split view's own separators: one column each
+
+
 def is_narrow(text: str) -> bool:
     """Whether every character of text takes exactly one column (printable ASCII: most chat lines).
 
     The width helpers take a shortcut for such text: measuring it cell by cell
-    would cost more than everything else the client does with a line.
+    would cost more than everything else the client does with a line. The header,
+    the status bar and the prompt take it too: their separators are one column wide.
     """
+    if not text.isascii():
+        text = text.translate(NARROW_SYMBOLS)
     return text.isascii() and text.isprintable()
 
 
@@ -286,28 +292,18 @@ def text_width(text: str) -> int:
     return sum(cell_width(cell) for cell in cells(text))
 
 
-def clip(text: str, width: int) -> str:
-    """The start of text that fits in width columns (a wide character never gets cut in half)."""
+def clip(text: str, width: int, keep_end: bool = False) -> str:
+    """The start (or the end) of text that fits in width columns; a wide character is never cut in half."""
+    width = max(width, 0)
     if is_narrow(text):
-        return text[:max(width, 0)]
+        return text[max(len(text) - width, 0):] if keep_end else text[:width]
     kept, used = [], 0
-    for cell in cells(text):
+    for cell in reversed(cells(text)) if keep_end else cells(text):
         used += cell_width(cell)
         if used > width:
             break
         kept.append(cell)
-    return "".join(kept)
-
-
-def clip_start(text: str, width: int) -> str:
-    """The end of text that fits in width columns."""
-    kept, used = [], 0
-    for cell in reversed(cells(text)):
-        used += cell_width(cell)
-        if used > width:
-            break
-        kept.append(cell)
-    return "".join(reversed(kept))
+    return "".join(reversed(kept) if keep_end else kept)
 
 
 def fit(text: str, width: int) -> str:
@@ -1306,9 +1302,12 @@ class Printer:
             self.timer.cancel()
             self.timer = None
         if self.pending:
-            sys.stdout.write("".join(f"{text}\n" for text in self.pending))
-            sys.stdout.flush()
-            self.pending = []
+            lines, self.pending = "".join(f"{text}\n" for text in self.pending), []
+            try:
+                sys.stdout.write(lines)
+                sys.stdout.flush()
+            except OSError:  # the terminal has gone (its window closed), or the pipe: nobody reads now
+                pass
 
 
 # Signals that mean "leave, as /quit does": Ctrl-C, a polite kill, the terminal window
@@ -1698,7 +1697,7 @@ def input_window(text: str, cursor: int, width: int) -> tuple[str, str, str]:
     """The visible part of the input line: (before the cursor, under it, after it), within width."""
     under = text[cursor] if cursor < len(text) else " "
     room = max(width - text_width(under), 0)
-    before = clip_start(text[:cursor], room)
+    before = clip(text[:cursor], room, keep_end=True)
     after = clip(text[cursor + 1:], room - text_width(before))
     return before, under, after
 
