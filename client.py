@@ -75,6 +75,7 @@ try:
     import termios  # Unix only: Ctrl-Z hands the terminal back to the shell with it
 except ImportError:  # Windows has no termios and no Ctrl-Z suspend
     termios = None
+TERMINAL_ERRORS = (OSError,) if termios is None else (OSError, termios.error)  # a terminal that has gone
 
 import blessed
 import tornado.httpclient
@@ -1782,6 +1783,7 @@ class SplitView:
         self.page_rows = 1  # message rows at the last redraw, for PgUp/PgDn
         self.wants_sidebar: bool | None = None  # F2's choice; None: the sidebar shows on a wide terminal
         self.done = asyncio.Event()  # /quit, Ctrl-C or Ctrl-D
+        self.hung_up = False  # the terminal has gone (its window closed): restoring it may fail too
         # The terminal as the shell had it, for Ctrl-Z (where there is such a thing).
         self.shell_modes = termios.tcgetattr(sys.stdin.fileno()) if CAN_SUSPEND else None
 
@@ -1804,7 +1806,7 @@ class SplitView:
                 self.term.stream.write(output)
                 self.term.stream.flush()
         except OSError:  # the terminal has gone (its window closed): leave, as SIGHUP says too
-            self.quit()
+            self.hang_up()
 
     async def draw_forever(self) -> None:
         """Redraw when the model changed, at most FRAMES_PER_SECOND times a second.
@@ -1862,7 +1864,7 @@ class SplitView:
                 for key in iter(lambda: self.term.inkey(timeout=0, esc_delay=ESC_DELAY_SECONDS), ""):
                     self.on_key(key)
         except (EOFError, OSError):  # the terminal has gone (its window closed)
-            self.quit()
+            self.hang_up()
         finally:
             loop.remove_reader(keyboard)
 
@@ -1970,6 +1972,11 @@ class SplitView:
         """Leave the chat (the terminal is restored on the way out)."""
         self.done.set()
 
+    def hang_up(self) -> None:
+        """SIGHUP, or a failed write: the terminal window has closed. Leave all the same, with a goodbye."""
+        self.hung_up = True
+        self.quit()
+
     # -- the whole run --
 
     async def run(self) -> None:
@@ -1980,7 +1987,7 @@ class SplitView:
         """
         signals = SignalWatch(asyncio.get_running_loop())  # handlers run on the loop, between callbacks
         for name in LEAVING_SIGNALS:
-            signals.on(name, self.quit)
+            signals.on(name, self.hang_up if name == "SIGHUP" else self.quit)
         if CAN_SUSPEND:
             signals.on("SIGTSTP", self.suspend)
         tasks = {asyncio.create_task(self.read_keys()), asyncio.create_task(self.draw_forever())}
@@ -2067,6 +2074,9 @@ async def run_split(settings: Settings) -> int:
     try:
         with term.fullscreen(), term.cbreak(), term.hidden_cursor():
             await view.run()
+    except TERMINAL_ERRORS:
+        if not view.hung_up:
+            raise  # a terminal that is still there: this is a bug, and its traceback is shown
     finally:
         logging.getLogger().removeHandler(handler)
     return 0
