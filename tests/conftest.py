@@ -263,8 +263,17 @@ def chat_process():
     yield start
     for process in processes:
         if process.poll() is None:
+            process.terminate()  # SIGTERM stops the server gracefully, so under coverage it saves its data
+        try:
+            reap(process, timeout=WAIT_SECONDS)
+        except subprocess.TimeoutExpired:
             process.kill()
-        if process.stdout is not None and not process.stdout.closed:  # wait_for_port may have read it
-            process.communicate()
-        else:
-            process.wait()
+            reap(process)
+
+
+def reap(process: subprocess.Popen, timeout: float | None = None) -> None:
+    """Wait for the process to end, reading what is left of its output."""
+    if process.stdout is not None and not process.stdout.closed:  # wait_for_port may have read it
+        process.communicate(timeout=timeout)
+    else:
+        process.wait(timeout=timeout)
