@@ -907,8 +907,7 @@ class FloodGuard:
         """No buckets yet: a user's comes with the user, a room's with its first message."""
         self.limits = limits
         self.room_budgets: dict[str, TokenBucket] = {}  # keyed by room name
-        rate = limits.server_budget
-        self.server_budget = TokenBucket(rate, rate / 10, rate / 10, time.monotonic()) if rate else None
+        self.server_budget: TokenBucket | None = None  # made with the first busy room's message
 
     def new_bucket(self, now: float) -> TokenBucket:
         """A full bucket for a user who just logged in."""
@@ -942,7 +941,10 @@ class FloodGuard:
             raise rate_limited(retry_after, f"#{room.name} is busy: you")
         # The busy rooms share the server's budget; a room whose own bucket is still half
         # full has been quiet, and is never refused for what the others spent.
-        if self.server_budget is not None and bucket.tokens < bucket.burst / 2:
+        if self.limits.server_budget and bucket.tokens < bucket.burst / 2:
+            if self.server_budget is None:
+                rate = self.limits.server_budget
+                self.server_budget = TokenBucket(rate, rate / 10, rate / 10, now)
             retry_after = self.server_budget.take(now, cost=len(room.members))
             if retry_after:
                 raise rate_limited(retry_after, "the server is busy: you")
@@ -1672,8 +1674,6 @@ class CrowdRoomManager(RoomManager):
 
     def disconnect(self, user: CrowdUser, connection: CrowdConnection, reason: str) -> None:
         """A connection that vanished keeps its session for a while (13); otherwise Part I's leaving."""
-        if user.connection is not connection:
-            return  # a newer connection took this session over: nothing ends
         if not (connection.vanished and self.sessions.may_hold(user)):
             return super().disconnect(user, connection, reason)
         user.connection = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import socket
 import subprocess
@@ -20,7 +21,7 @@ import chat
 def run_chat(*flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run chat.py to completion (for --help and start-up errors)."""
     return subprocess.run([sys.executable, str(ROOT / "chat.py"), *flags], capture_output=True, check=False,
-                          text=True, timeout=20, env=env)
+                          text=True, timeout=20, env=None if env is None else {**os.environ, **env})
 
 
 def status(port: int) -> dict:
@@ -71,7 +72,7 @@ def test_the_port_flag_starts_the_server_there(chat_process):
 def test_chat_port_sets_the_port_when_no_flag_is_given():
     """`CHAT_PORT=N python chat.py` serves on N."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, str(ROOT / "chat.py")], env={"CHAT_PORT": str(port)},
+    process = subprocess.Popen([sys.executable, str(ROOT / "chat.py")], env={**os.environ, "CHAT_PORT": str(port)},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port, process)
@@ -251,3 +252,10 @@ def test_part_two_flags_at_their_defaults_give_lesson_one_no_warning(chat_proces
     process.terminate()
     output, _ = process.communicate(timeout=20)
     assert "Part II limit" not in output
+
+
+def test_a_bad_trusted_proxy_is_one_line():
+    """`--trusted-proxy=junk` stops the server with one sentence naming the flag."""
+    result = run_chat("--trusted-proxy=junk")
+    assert result.returncode == 2 and "--trusted-proxy" in result.stderr and "IP addresses" in result.stderr
+    assert result.stderr.count("\n") == 1

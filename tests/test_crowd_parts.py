@@ -169,7 +169,7 @@ def test_busy_rooms_share_the_server_budget():
 def test_a_quiet_room_is_never_refused_for_what_busy_rooms_spent():
     """A room whose own bucket is at least half full never pays the server's budget."""
     guard = chat.FloodGuard(chat.CrowdLimits(room_budget=1000, server_budget=100))
-    guard.server_budget.tokens = 0  # the busy rooms spent it all
+    guard.server_budget = chat.TokenBucket(100, 10, 0, 0.0)  # the busy rooms spent it all
     guard.charge_room(room_of("quiet", 40), now=0.0)  # 60 of 100 left: still quiet, no refusal
 
 

@@ -191,7 +191,9 @@ async def test_requests_of_closed_connections_are_not_served_and_a_login_is_prom
         cpu, busy = cpu_seconds(process.pid) - cpu_before, time.monotonic() - closed_at
         print(f"\nATTACK 10 x 2,000 pipelined GET /, closed: login after {login_seconds:.2f} s, "
               f"server CPU {cpu:.2f} s in the {busy:.1f} s after the close until idle")
-        assert cpu < 1.0, f"the server kept serving closed connections: {cpu:.2f} s of CPU after the close"
+        # Before the fix: 8-17 s. Under `coverage run` (COVERAGE_RUN is set) tracing costs about 4x the CPU.
+        bound = 5.0 if os.environ.get("COVERAGE_RUN") else 1.0
+        assert cpu < bound, f"the server kept serving closed connections: {cpu:.2f} s of CPU after the close"
         assert_up(process)
     finally:
         for peer in peers:
