@@ -109,3 +109,19 @@ def test_no_project_file_cites_a_document_the_repository_does_not_contain():
     files = [ROOT / "README.md", ROOT / "chat.py", ROOT / "client.py", *sorted((ROOT / "tests").glob("*.py"))]
     files += [path for path in [ROOT / "chat.html", ROOT / "demo.ipynb"] if path.exists()]
     assert [path.name for path in files if cited.search(path.read_text(encoding="utf-8"))] == []
+
+
+def test_the_first_screen_gets_a_class_chatting():
+    """A newcomer's first section: install and start, what to read out, both clients, the test command."""
+    first = README.split("\n## ", 2)[1]
+    assert first.startswith("A class chatting in five minutes")
+    for step in ("pip install -r requirements.txt && python chat.py --port=8888", "Tell the class to open",
+                 "python client.py", "in a browser", "Ctrl-C", "pip install -r requirements-test.txt"):
+        assert step in first, step
+    assert "**Contents:**" in first
+
+
+def test_the_readme_names_limits_as_welcome_sends_them():
+    """welcome.limits uses the flags' names; the old aliases are gone from the code and the README."""
+    for old in ("max_message_chars", "idle_timeout_seconds", "resume_grace_seconds"):
+        assert old not in README and old not in SOURCE

@@ -314,3 +314,32 @@ def test_the_page_policy_hashes_the_inline_script_and_style_but_not_tags_named_i
     script_sources = re.search(r"script-src ([^;]+);", policy).group(1).split()
     assert script_sources == [chat.inline_hashes(b"<script>go()</script>", b"script")]
     assert "default-src 'none'" in policy and "'unsafe-inline'" not in policy
+
+
+# ---- Part II as composition ----
+
+
+def chat_py_classes() -> list[type]:
+    """Every class chat.py defines."""
+    return [cls for cls in vars(chat).values() if isinstance(cls, type) and cls.__module__ == "chat"]
+
+
+def chat_py_depth(cls: type) -> int:
+    """How many chat.py classes deep a class is (a class on Tornado's or Python's alone: 1)."""
+    parents = [base for base in cls.__bases__ if base.__module__ == "chat"]
+    return 1 + max((chat_py_depth(base) for base in parents), default=0)
+
+
+@pytest.mark.parametrize("cls", chat_py_classes(), ids=lambda cls: cls.__name__)
+def test_no_chat_py_class_is_more_than_two_levels_deep(cls):
+    """Part II is composition: one subclass per role, never a chain of upgrades."""
+    assert chat_py_depth(cls) <= 2
+
+
+def test_the_crowd_classes_are_the_only_part_two_subclasses_of_part_one():
+    """Part II changes Part I's classes in one place each: the crowd classes of section 15."""
+    part_one = {chat.Limits, chat.User, chat.Connection, chat.RoomManager, chat.ChatSocket, chat.StatusHandler}
+    subclasses = {cls.__name__ for cls in chat_py_classes() if cls not in part_one
+                  and any(base in cls.__mro__ for base in part_one)}
+    assert subclasses == {"CrowdLimits", "CrowdUser", "CrowdConnection", "CrowdRoomManager",
+                          "CrowdChatSocket", "CrowdStatusHandler"}
