@@ -1236,8 +1236,8 @@ class GuardedHTTPServer(HTTPServer):
 
     def initialize(self, app: tornado.web.Application, limits: CrowdLimits,
                    trusted_proxies: frozenset[str] = frozenset()) -> None:
-        """Tornado's server, plus the counts the limits need."""
-        super().initialize(app, idle_connection_timeout=limits.handshake_timeout or None)
+        """Tornado's server, plus the counts the limits need (handle_stream times the HTTP phase)."""
+        super().initialize(app)
         self.limits, self.trusted_proxies, self.stopped = limits, trusted_proxies, False
         caps = [cap for cap in (limits.max_handshakes, (open_file_limit() or 0) // 4) if cap]
         self.max_handshakes = min(caps) if caps else 0
@@ -1247,7 +1247,7 @@ class GuardedHTTPServer(HTTPServer):
         self.refused, self.refused_logged_at = 0, 0.0
 
     def group(self, address: str) -> str:
-        """The address group of a peer (a trusted proxy is a group of its own)."""
+        """The address group a peer's address counts against."""
         return address_group(address, self.limits.ipv6_prefix)
 
     # -- accepting --
@@ -1390,9 +1390,11 @@ class GuardedRequest(tornado.httputil.HTTPMessageDelegate):
         retry_after = 1.0 if self.stream.requests > MAX_REQUESTS_PER_CONNECTION else 0.0
         if self.door.limits.http_rate and (context.forwarded or not is_local(group)):
             retry_after = retry_after or self.door.bucket("http", group, self.door.limits.http_rate)
-        if self.stream.closed() or retry_after:  # a client that has gone is not served at all
+        if self.stream.closed() or retry_after:
             self.refused = True
-            return self.too_many(retry_after) if not self.stream.closed() else None
+            if not self.stream.closed():  # a client that has gone is not served, nor answered
+                self.too_many(retry_after)
+            return None
         return self.app.headers_received(start_line, headers)
 
     def too_many(self, retry_after: float) -> None:
