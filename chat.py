@@ -21,13 +21,11 @@ outgoing buffer and the loop writes it out when the socket is ready.
 
 Two lessons in one file
 -----------------------
-Part I (sections 1-8) is a complete chat server, the first lesson;
-`python chat.py --lesson=1` runs exactly that. Part II (sections 9-15) is what
-lets it hold a crowd: each upgrade sits under its own banner, which opens with
-the problem it solves and the number that showed it, and its rules are a small
-class or function of their own. Section 15 puts them to work in one subclass of
-each Part I class: `python chat.py`. An appendix (section 16) holds the start-up
-details that are not about chat; main() hands over to it.
+Part I (sections 1-8) is a complete chat server: `python chat.py --lesson=1`.
+Part II (sections 9-15) lets it hold a crowd: each upgrade is a small class or
+function under a banner that names the problem, the number that showed it, the
+change and its cost; section 15 puts them to work in one subclass of each Part I
+class: `python chat.py`. The appendix (16) holds start-up details main() hands over to.
 
 Sections
 --------
@@ -46,13 +44,11 @@ Part II: holding a crowd (it opens with CrowdLimits, the limits it adds)
 11. Rate limits         a bucket per user and per room, and the door for a flooder
 12. Keepalive and idle timeout   pings find dead peers; people who left free their seat
 13. Resume              a dropped user keeps name, rooms and every missed message
-14. Hardening           what one person with a script must not be able to take:
-    14.1 the doors (descriptors, handshakes, requests, address groups, proxies)
-    14.2 kernel buffers  14.3 rooms  14.4 protocol errors  14.5 text that shows nothing
+14. Hardening           what one person with a script must not be able to take: 14.1 the doors,
+    14.2 kernel buffers, 14.3 rooms, 14.4 protocol errors, 14.5 text that shows nothing
 15. The crowd server    the classes `python chat.py` runs, each step named
 Appendix: start-up details, which no lesson needs
-16. Start-up            the web page and its security policy, the access log,
-                        signals, the addresses to tell the class, the flags
+16. Start-up            the page and its security policy, the log, signals, addresses, flags
 """
 
 from __future__ import annotations  # a type may be named before its class is defined
@@ -114,14 +110,10 @@ class Limits:
 
     @property
     def max_frame_bytes(self) -> int:
-        """Largest frame a client may send: a full-length line of 4-byte characters.
-
-        The 64 spare bytes are for what clean_text removes before the length is counted.
-        With no length limit, the cap is Tornado's own default, 10 MiB.
-        """
+        """Largest frame a client may send: a full-length line of 4-byte characters."""
         if not self.max_message_length:
-            return 10 * 1024 * 1024
-        return max(4096, 4 * self.max_message_length + 64)
+            return 10 * 1024 * 1024  # no length limit: Tornado's own default, 10 MiB
+        return max(4096, 4 * self.max_message_length + 64)  # 64 for what clean_text removes
 
 
 DEFAULT_PORT = 8888
@@ -327,10 +319,7 @@ COMMANDS = {
 
 
 def parse_command(line: str) -> tuple[str, str] | None:
-    """Split `/join general` into ("join", "general"); None for a chat line.
-
-    A line starting with `//` is chat text that starts with one `/`.
-    """
+    """Split `/join general` into ("join", "general"); None for chat text (`//x` included)."""
     if not line.startswith("/") or line.startswith("//"):
         return None
     name, _, argument = line[1:].partition(" ")
@@ -600,9 +589,8 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     def open(self) -> None:
         """A client connected: log it in, or refuse it with an error and a close code."""
         self.manager.connections.add(self)  # removed in on_close, which always runs
-        # ws_connection is Tornado's WebSocket protocol; its stream is the TCP connection and
-        # its outgoing buffer. Sends never wait, so unsent output queues there; past the bound,
-        # send() drops the client.
+        # ws_connection is Tornado's WebSocket protocol; its stream, the TCP connection, queues
+        # what is not sent yet, and past the bound send() drops the client.
         self.ws_connection.stream.max_write_buffer_size = self.manager.limits.max_backlog or None
         if self.manager.closing:  # a late arrival during shutdown
             self.say_goodbye()
@@ -676,9 +664,8 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         log.warning("dropping %s: over %d bytes of unsent output", self.user and self.user.username,
                     self.manager.limits.max_backlog)
         self.close_by_server(CLOSE_SLOW_CONSUMER, "slow consumer: fell too far behind")
-        # Tornado gives the client 5 s to read up and answer the close, then drops the
-        # socket and its buffer. The user leaves the rooms sooner: right after the broadcast
-        # that is under way (call_soon runs it next, not in the middle of the loop).
+        # Tornado gives the client 5 s to answer the close. The user leaves the rooms sooner:
+        # right after the broadcast under way (call_soon runs it next, not mid-loop).
         asyncio.get_running_loop().call_soon(self.leave_chat, "fell too far behind")
 
     def close_by_server(self, code: int, reason: str) -> None:
@@ -751,18 +738,15 @@ def main(argv: list[str] | None = None) -> None:
 # =====================================================================================
 # Part II: holding a crowd
 # =====================================================================================
-# Part I is correct, but measure it (python tests/bench.py) and it falls over long
-# before a class does something unusual. Each section fixes one thing the numbers
-# showed (problem, change, cost) with a small class or function of its own. Section
+# Part I is correct, but measure it (python tests/bench.py) and it falls over long before
+# a class does anything unusual. Each section fixes one thing the numbers showed; section
 # 15 puts them to work, in one subclass of each Part I class: `python chat.py`.
 
-import bisect  # Part II needs these as well as Part I's imports
-import errno
+import errno  # Part II needs these as well as Part I's imports
 import gc
 import heapq
 import ipaddress
 import math
-import struct
 import unicodedata
 from array import array
 
@@ -782,50 +766,37 @@ class CrowdLimits(Limits):
     announce_limit: int = limit(100, "rooms with more users than this get no join/leave notices")
     rate_per_second: float = limit(5.0, "lines (and other frames) a user may send per second, on average")
     rate_burst: int = limit(10, "lines a user may send in a quick burst (at least 1)")
-    room_budget: int = limit(20_000, "deliveries a second one room may cause: a line to a room "
-                             "of N users costs N")
-    server_budget: int = limit(60_000, "deliveries a second the busy rooms may cause together (a "
-                               "room that has been quiet is never refused for it)")
+    room_budget: int = limit(20_000, "deliveries a second one room may cause (a line to N users is N)")
+    server_budget: int = limit(60_000, "deliveries a second of the busy rooms together (quiet rooms: exempt)")
     flood_penalty: float = limit(10.0, "seconds a flooder's address group must wait to log in again")
-    idle_timeout: float = limit(3 * 3600.0, "seconds without a typed line before a user is "
-                                "disconnected (a connected, silent user stays: a lesson is shorter)")
-    ping_interval: float = limit(20.0, "seconds between keepalive pings; a peer silent for "
-                                 "two of them is dropped")
-    resume_grace: float = limit(30.0, "seconds a dropped user's session is held for resume (in all, "
-                                "at most twice this per session)")
-    max_per_address: int = limit(10, "users online plus sessions held, and handshakes under way, "
-                                 "from one address group (this machine is exempt)")
+    idle_timeout: float = limit(3 * 3600.0, "seconds without a typed line before a user is disconnected")
+    ping_interval: float = limit(20.0, "seconds between keepalive pings; a peer silent for two is dropped")
+    resume_grace: float = limit(30.0, "seconds a dropped session is held for resume (twice this in all)")
+    max_per_address: int = limit(10, "users and held sessions, and handshakes, per address group")
     ipv6_prefix: int = limit(64, "leading bits an IPv6 address group shares (a /64 is one machine)")
     handshake_timeout: float = limit(10.0, "seconds a new connection has for its whole HTTP phase")
-    max_handshakes: int = limit(256, "connections still in their HTTP phase, in total (and at most "
-                                "a quarter of the open-file limit)")
-    handshake_rate: float = limit(5.0, "new connections a second from one address group, in bursts "
-                                  "of twice that (this machine is exempt)")
-    http_rate: float = limit(10.0, "HTTP requests a second from one address group, in bursts of "
-                             "twice that (this machine is exempt)")
+    max_handshakes: int = limit(256, "connections in their HTTP phase (at most 1/4 of the open-file limit)")
+    handshake_rate: float = limit(5.0, "new connections a second per address group (bursts: twice that)")
+    http_rate: float = limit(10.0, "HTTP requests a second per address group (bursts: twice that)")
     max_rooms: int = limit(1000, "rooms on the server, the lobby included")
     max_rooms_per_user: int = limit(20, "rooms one user may be in at once, the lobby included")
 
 
 # ---- 9. Fast broadcast: one frame, the same bytes to every socket --------------------
-# Problem: write_message() builds a frame and starts an asyncio task for every
-# recipient: about 23 us a delivery, 2.3 ms for one line to a room of 100. And
-# Nagle's algorithm held small frames back (p99 latency 36 ms at light load).
-# Change: build the frame once per event, write its bytes straight to each socket
-# and queue only what the kernel does not take; TCP_NODELAY. Cost: we write RFC 6455
-# frames ourselves, for plain ws:// without compression, which is what chat.py serves.
+# Problem: write_message() builds a frame and starts an asyncio task per recipient:
+# 2.3 ms for one line to a room of 100; Nagle's algorithm held small frames back (p99 36 ms).
+# Change: build the frame once per event, write its bytes straight to each socket, queue
+# only what the kernel does not take; TCP_NODELAY. Cost: we frame RFC 6455 ourselves.
 
 
 def websocket_text_frame(payload: bytes) -> bytes:
     """Frame UTF-8 bytes as one final, unmasked text frame (RFC 6455, section 5.2)."""
     length = len(payload)
     if length < 126:
-        header = struct.pack("!BB", 0x81, length)
-    elif length < 65536:
-        header = struct.pack("!BBH", 0x81, 126, length)
-    else:
-        header = struct.pack("!BBQ", 0x81, 127, length)
-    return header + payload
+        return bytes((0x81, length)) + payload
+    if length < 65536:
+        return bytes((0x81, 126)) + length.to_bytes(2, "big") + payload
+    return bytes((0x81, 127)) + length.to_bytes(8, "big") + payload
 
 
 def write_frame(stream: IOStream, frame: bytes, max_backlog: int) -> None:
@@ -847,10 +818,9 @@ def write_frame(stream: IOStream, frame: bytes, max_backlog: int) -> None:
 
 
 # ---- 10. Quiet big rooms -------------------------------------------------------------
-# Problem: telling a whole room about each arrival makes C users connecting cost
-# about C*C/2 deliveries: 50 million frames for 10,000 users in the lobby.
-# Change: rooms above --announce-limit members get no join/leave notices, as big
-# IRC channels and Slack stay quiet. Cost: in a big room you do not see arrivals.
+# Problem: telling a whole room of each arrival makes C users connecting cost C*C/2
+# deliveries: 50 million frames for 10,000 users in the lobby. Change: rooms above
+# --announce-limit members get no join/leave notices. Cost: you do not see arrivals there.
 
 
 def is_quiet(room: Room, announce_limit: int) -> bool:
@@ -859,15 +829,12 @@ def is_quiet(room: Room, announce_limit: int) -> bool:
 
 
 # ---- 11. Rate limits: a bucket per user and per room, and the door for a flooder -----
-# Problem: one script could send as fast as it liked (binary frames and pings too),
-# each refused line earned a reply, and one busy room (200 users x 5 lines a second)
-# made a user in another room wait 4.6 s (p90).
-# Change: every frame takes a token from the user's bucket (--rate-per-second, up
-# to --rate-burst). The first refused gets `rate_limited` with `retry_after`, the
-# next ones nothing, and --rate-burst more close the connection at once with 4029
-# (`flooding`, IRC's "Excess Flood"); its address group waits --flood-penalty. A room
-# may cause --room-budget deliveries a second (a line to N members costs N), and
-# the busy rooms together --server-budget: a third of what one core carries.
+# Problem: one script could send as fast as it liked, each refused line earned a reply,
+# and one busy room (200 users x 5 lines/s) made a user in another room wait 4.6 s (p90).
+# Change: every frame takes a token from the user's bucket (--rate-per-second, up to
+# --rate-burst). The first refused gets `rate_limited`, the next ones nothing, and
+# --rate-burst more close with 4029 (`flooding`); the address group waits --flood-penalty.
+# A room may cause --room-budget deliveries a second, the busy rooms --server-budget in all.
 # Cost: none a typist notices; a room of 1,000 carries 20 lines a second.
 
 
@@ -904,10 +871,11 @@ class FloodGuard:
     """Every rate rule in one place: each user's bucket, each room's budget, and when to close."""
 
     def __init__(self, limits: CrowdLimits):
-        """No buckets yet: a user's comes with the user, a room's with its first message."""
+        """A user's bucket comes with the user, a room's with its first message; the server's is full."""
         self.limits = limits
         self.room_budgets: dict[str, TokenBucket] = {}  # keyed by room name
-        self.server_budget: TokenBucket | None = None  # made with the first busy room's message
+        rate = limits.server_budget  # the busy rooms' (each bucket holds a tenth of a second)
+        self.server_budget = TokenBucket(rate, rate / 10, rate / 10, 0.0)
 
     def new_bucket(self, now: float) -> TokenBucket:
         """A full bucket for a user who just logged in."""
@@ -939,12 +907,8 @@ class FloodGuard:
         retry_after = bucket.take(now, cost=len(room.members))
         if retry_after:
             raise rate_limited(retry_after, f"#{room.name} is busy: you")
-        # The busy rooms share the server's budget; a room whose own bucket is still half
-        # full has been quiet, and is never refused for what the others spent.
-        if self.limits.server_budget and bucket.tokens < bucket.burst / 2:
-            if self.server_budget is None:
-                rate = self.limits.server_budget
-                self.server_budget = TokenBucket(rate, rate / 10, rate / 10, now)
+        # A room whose own bucket is still half full has been quiet: it never pays the server's.
+        if bucket.tokens < bucket.burst / 2:
             retry_after = self.server_budget.take(now, cost=len(room.members))
             if retry_after:
                 raise rate_limited(retry_after, "the server is busy: you")
@@ -955,13 +919,11 @@ class FloodGuard:
 
 
 # ---- 12. Keepalive and idle timeout --------------------------------------------------
-# Problem: a laptop that sleeps or leaves the Wi-Fi sends no goodbye: its socket
-# looks open for hours, its name stays taken and its seat counts.
-# Change: a ping every --ping-interval seconds; a peer that does not answer within
-# another is gone. That is what "present" means: a student who listens for an hour
-# answers every ping and stays. Typing nothing for --idle-timeout (3 hours, longer
-# than a lesson) closes with 4008: it frees the seats of people who left for good.
-# Both are timer callbacks on the loop, never sleeps. Cost: a ping per interval.
+# Problem: a laptop that sleeps or leaves the Wi-Fi sends no goodbye: its socket looks
+# open for hours, its name stays taken. Change: a ping every --ping-interval; a peer that
+# does not answer within another is gone (one who listens answers, and stays). Nothing
+# typed for --idle-timeout (3 hours, more than a lesson) closes with 4008. Both are timer
+# callbacks on the loop, never sleeps. Cost: a ping per interval.
 
 
 class IdleTimer:
@@ -996,13 +958,11 @@ class IdleTimer:
 # Problem: on a school Wi-Fi connections drop. In Part I the user leaves every room,
 # everyone sees "left" and "joined", and what was said meanwhile is gone.
 # Change: a connection that vanishes without a close frame keeps its session for
-# --resume-grace seconds. Every `message` has a `seq`, and each user keeps the last
-# REPLAY_LIMIT_MESSAGES delivered. The token from `welcome` (with `last_seq`, the
-# newest the client saw) gets back name, rooms and every later message, with no
-# leave/join noise; `missed` counts them, `lost` what was no longer kept. Each
-# `welcome` has a new token. Held sessions are bounded: --max-connections in all
-# (then the oldest ends), --max-per-address per group with those online, 2 x
-# --resume-grace each in all, and a live user who needs a held seat gets it.
+# --resume-grace. Every `message` has a `seq`; each user keeps the last
+# REPLAY_LIMIT_MESSAGES. The token from `welcome` (single use) and `last_seq` get back
+# name, rooms and every later message (`missed`; `lost`: no longer kept), with no
+# leave/join noise. Held sessions are bounded: --max-connections in all, --max-per-address
+# per group, 2 x --resume-grace each, and a live user who needs a held seat gets it.
 # Cost: 100 message references per user; under pressure a session may end early.
 
 REPLAY_LIMIT_MESSAGES = 100  # messages kept per user, replayed on resume
@@ -1123,7 +1083,7 @@ class SessionStore:
         """The messages after the client's last_seq that the user still has; `user.lost` counts the rest."""
         if last_seq is None:  # the client did not say: what came while held (nothing, if it was not)
             last_seq = user.held_at_seq if user.connection is None else self.seq
-        user.lost = len(user.forgotten or ()) - bisect.bisect_right(user.forgotten or (), last_seq)
+        user.lost = sum(seq > last_seq for seq in user.forgotten or ())
         return [outbound for outbound in user.history or () if outbound.event["seq"] > last_seq]
 
     # -- holding a session, and letting it go --
@@ -1486,16 +1446,12 @@ def biggest_rooms(rooms: list[Room]) -> list[Room]:
 VALID_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
 
 
-def is_valid_close_code(code: int) -> bool:
-    """May a peer send this close code? RFC 6455 7.4: the ones defined for that, and 3000-4999."""
-    return code in VALID_CLOSE_CODES or 3000 <= code <= 4999
-
-
 def is_valid_close_payload(data: bytes) -> bool:
-    """A close frame's body: empty, or a code a peer may send and a UTF-8 reason."""
+    """A close frame's body: empty, or a code a peer may send (RFC 6455 7.4) and a UTF-8 reason."""
     if not data:
         return True
-    if len(data) < 2 or not is_valid_close_code(struct.unpack("!H", data[:2])[0]):
+    code = int.from_bytes(data[:2], "big")
+    if len(data) < 2 or not (code in VALID_CLOSE_CODES or 3000 <= code <= 4999):
         return False
     try:
         data[2:].decode("utf-8")
@@ -1653,14 +1609,9 @@ class CrowdRoomManager(RoomManager):
         """Part I's welcome, saying whether this is a resume, how much it replays and how much is lost (13)."""
         return welcome_event(user, self.limits, resumed=resumed, missed=missed, lost=user.lost if resumed else 0)
 
-    @property
-    def online(self) -> int:
+    def online_count(self) -> int:
         """Users with a live connection: held sessions do not count (13)."""
         return len(self.users) - len(self.sessions.held)
-
-    def online_count(self) -> int:
-        """Users with a live connection (13)."""
-        return self.online
 
     def check_penalty(self, group: str | None) -> None:
         """Refuse a login from an address group that flooded, until its --flood-penalty is over (11)."""
@@ -1842,14 +1793,11 @@ class CrowdChatSocket(ChatSocket):
         super().on_message(message)
 
     def on_ping(self, data: bytes) -> None:
-        """A ping takes a token too (11); Tornado has answered it already."""
+        """A ping or pong takes a token too (11): one answer to each of our pings is nothing a client notices."""
         if self.speaks_for_user():
             self.manager.admit_frame(self.user)
 
-    def on_pong(self, data: bytes) -> None:
-        """A pong takes a token too (11): one answer to each of our pings costs a client nothing it notices."""
-        if self.speaks_for_user():
-            self.manager.admit_frame(self.user)
+    on_pong = on_ping  # Tornado answered a ping already; a pong needs no answer
 
     def on_close(self) -> None:
         """Stop the idle timer (12); gone without a close frame, and not closed by us, is vanished (13); Part I's."""
@@ -1901,18 +1849,14 @@ class CrowdStatusHandler(StatusHandler):
 
 
 def raise_open_file_limit() -> None:
-    """Allow as many sockets as the system lets us: each connection is an open file.
-
-    Windows has no such limit to raise. macOS reports an infinite hard limit but
-    refuses to go past its own cap, so we try smaller values until one is accepted.
-    """
+    """Allow as many sockets as the system lets us: each connection is an open file."""
     try:
-        import resource  # Unix only
+        import resource  # Unix only: Windows has no such limit to raise
     except ImportError:
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     finite_hard = hard if hard != resource.RLIM_INFINITY else 1 << 20
-    for wanted in (finite_hard, 65536, 10240, 4096):
+    for wanted in (finite_hard, 65536, 10240, 4096):  # macOS says "infinite" but has a cap of its own
         if soft < wanted <= finite_hard:
             try:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
@@ -2034,9 +1978,7 @@ class PageHandler(tornado.web.RequestHandler):
         self.set_header("Cache-Control", "no-cache")
         self.write(page)  # Tornado adds the ETag, and answers a matching If-None-Match with 304
 
-    def head(self) -> None:
-        """The same answer without the page itself, for link checkers and `curl -I`."""
-        self.get()
+    head = get  # link checkers and `curl -I`: Tornado sends the headers without the page
 
 
 def inline_hashes(page: bytes, tag: bytes) -> str:
@@ -2048,10 +1990,7 @@ def inline_hashes(page: bytes, tag: bytes) -> str:
 
 
 def content_security_policy(page: bytes) -> str:
-    """Run exactly the page's own inline script and style (by hash), and fetch nothing else.
-
-    Even if a bug let a message in as HTML, the browser would refuse to run it.
-    """
+    """Run only the page's own inline script and style (by hash): a message let in as HTML would not run."""
     return (f"default-src 'none'; script-src {inline_hashes(page, b'script')}; "
             f"style-src {inline_hashes(page, b'style')}; connect-src 'self'; img-src 'self' data:; "
             "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
@@ -2084,13 +2023,6 @@ def stop_on_signals(stop: asyncio.Event) -> None:
 EVERY_INTERFACE = ("", "0.0.0.0", "::")
 
 
-def hosts_to_share(address: str) -> list[str]:
-    """The hosts people can use: this machine, and each LAN address when on every interface."""
-    if address in EVERY_INTERFACE:
-        return [*lan_addresses(), "localhost"]
-    return ["localhost" if address in ("127.0.0.1", "::1") else address]  # LAN first, localhost last
-
-
 def page_url(host: str, port: int) -> str:
     """The web page's URL on `host` (an IPv6 address goes in brackets)."""
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
@@ -2114,7 +2046,10 @@ def lan_addresses() -> list[str]:
 
 def where_to_connect(address: str, port: int) -> str:
     """What the teacher reads out: the page and client command per LAN address, this laptop last."""
-    hosts = hosts_to_share(address)
+    if address in EVERY_INTERFACE:
+        hosts = [*lan_addresses(), "localhost"]
+    else:
+        hosts = ["localhost" if address in LOCAL_ADDRESSES else address]
     others = [host for host in hosts if host != "localhost"]
     lines = ["", "Tell the class to open this address in a browser (or to run the client):" if others else
              "Only this laptop can connect (see --address). Open the page, or run the client:"]

@@ -179,7 +179,7 @@ class RoomManagerMachine(RuleBasedStateMachine):
     @invariant()
     def the_online_count_matches_the_users_with_a_connection(self):
         """The manager's running count of online users is never off."""
-        assert self.manager.online == len(self.online())
+        assert self.manager.online_count() == len(self.online())
 
     @invariant()
     def no_empty_room_but_the_lobby(self):
