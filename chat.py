@@ -89,7 +89,6 @@ log = logging.getLogger("chat")
 
 # ---- 1. Settings ---------------------------------------------------------------------
 
-
 def limit(default: float, help_text: str):
     """A Limits field: its default and the --help text that names its unit."""
     return field(default=default, metadata={"help": help_text})
@@ -269,7 +268,6 @@ def utc_timestamp(now: float) -> str:
 
 # ---- 4. Commands ---------------------------------------------------------------------
 
-
 @dataclass(frozen=True)
 class Command:
     """One /command: what to type, what it does, and the function that does it."""
@@ -331,7 +329,6 @@ def parse_command(line: str) -> tuple[str, str] | None:
 # `await`: a check ("is the name free?") and its act ("take it") can never be
 # split by another client's turn. It knows nothing about sockets, so the
 # notebook and the unit tests can drive it directly.
-
 
 class Connection(Protocol):
     """What the manager needs from a connection: send an event, or close it."""
@@ -566,7 +563,6 @@ class RoomManager:
 # exception in any of them is a bug: Tornado logs it with its traceback and
 # closes only that one connection.
 
-
 class ChatSocket(tornado.websocket.WebSocketHandler):
     """One client's connection: turns frames into manager calls, and events into frames."""
 
@@ -690,7 +686,6 @@ def forget_unsent(write: asyncio.Future) -> None:
 
 # ---- 7. Status endpoint --------------------------------------------------------------
 
-
 class StatusHandler(tornado.web.RequestHandler):
     """GET /status: the server's state as JSON, for people and monitoring."""
 
@@ -705,7 +700,6 @@ class StatusHandler(tornado.web.RequestHandler):
 
 
 # ---- 8. Wiring and main --------------------------------------------------------------
-
 
 def make_app(manager: RoomManager, socket_class: type[ChatSocket] = ChatSocket,
              status_class: type[StatusHandler] = StatusHandler, **settings) -> tornado.web.Application:
@@ -788,7 +782,6 @@ class CrowdLimits(Limits):
 # Change: build the frame once per event, write its bytes straight to each socket, queue
 # only what the kernel does not take; TCP_NODELAY. Cost: we frame RFC 6455 ourselves.
 
-
 def websocket_text_frame(payload: bytes) -> bytes:
     """Frame UTF-8 bytes as one final, unmasked text frame (RFC 6455, section 5.2)."""
     length = len(payload)
@@ -822,7 +815,6 @@ def write_frame(stream: IOStream, frame: bytes, max_backlog: int) -> None:
 # deliveries: 50 million frames for 10,000 users in the lobby. Change: rooms above
 # --announce-limit members get no join/leave notices. Cost: you do not see arrivals there.
 
-
 def is_quiet(room: Room, announce_limit: int) -> bool:
     """Is the room too big for join and leave notices?"""
     return len(room.members) > announce_limit
@@ -836,7 +828,6 @@ def is_quiet(room: Room, announce_limit: int) -> bool:
 # --rate-burst more close with 4029 (`flooding`); the address group waits --flood-penalty.
 # A room may cause --room-budget deliveries a second, the busy rooms --server-budget in all.
 # Cost: none a typist notices; a room of 1,000 carries 20 lines a second.
-
 
 @dataclass
 class TokenBucket:
@@ -924,7 +915,6 @@ class FloodGuard:
 # does not answer within another is gone (one who listens answers, and stays). Nothing
 # typed for --idle-timeout (3 hours, more than a lesson) closes with 4008. Both are timer
 # callbacks on the loop, never sleeps. Cost: a ping per interval.
-
 
 class IdleTimer:
     """Calls `on_idle` once nothing was typed for `timeout` seconds; each line puts it off."""
@@ -1543,7 +1533,6 @@ def visible_text(text: str) -> str:
 # the answer to "what happens when I send a line?" is on one screen: the socket's
 # on_message, then the manager's say, broadcast and deliver, then write_event.
 
-
 class CrowdRoomManager(RoomManager):
     """The room manager of `python chat.py`: Part I's, with Part II's steps before each action."""
 
@@ -2079,7 +2068,8 @@ def port_number(text: str) -> int:
 def parse_flags(argv: list[str]) -> argparse.Namespace:
     """The command line: --port, --address, one flag per CrowdLimits field, --lesson, --logging."""
     parser = FlagParser(prog="python chat.py", description="A teaching-sized WebSocket chat server.",
-                        epilog="--flag=VALUE and --flag VALUE both work; 0 switches a limit off.")
+                        epilog="--flag=VALUE and --flag VALUE both work; 0 switches a limit off. The per-address "
+                               "limits never count this machine (127.0.0.1, ::1).")
     where = parser.add_argument_group("where to listen")
     where.add_argument("--port", type=port_number, default=None, metavar="N",
                        help=f"TCP port to listen on; CHAT_PORT sets the default (default {default_port()})")
