@@ -143,24 +143,19 @@ class Settings:
     plain: bool  # plain line mode even on a terminal
 
 
-def is_port_number(text: str) -> bool:
-    """A whole number from 1 to 65535, in plain digits: chat.py's rule ("²" is a digit, but no number)."""
-    return text.isascii() and text.isdecimal() and 0 < int(text) < 65536
+def port_number(text: str) -> int:
+    """--port's value: 1 to 65535 in plain digits, chat.py's rule ("²" is a digit, but no number)."""
+    if not (text.isascii() and text.isdecimal() and 0 < int(text) < 65536):
+        raise argparse.ArgumentTypeError(f"must be a port number (1-65535), not {text!r}")
+    return int(text)
 
 
 def default_port() -> int:
     """The port when the address names none: $CHAT_PORT (read as chat.py reads it), else 8888."""
-    value = os.environ.get("CHAT_PORT", str(DEFAULT_PORT))
-    if not is_port_number(value):
-        raise ClientError(f"CHAT_PORT must be a port number (1-65535), not {value!r}.")
-    return int(value)
-
-
-def port_number(text: str) -> int:
-    """--port's value, by the same rule (argparse explains a refusal)."""
-    if not is_port_number(text):
-        raise argparse.ArgumentTypeError(f"must be a port number (1-65535), not {text!r}")
-    return int(text)
+    try:
+        return port_number(os.environ.get("CHAT_PORT", str(DEFAULT_PORT)))
+    except argparse.ArgumentTypeError as error:
+        raise ClientError(f"CHAT_PORT {error}.") from None
 
 
 # What a pasted address means for the WebSocket: the page's http:// is the chat's ws://.
@@ -169,12 +164,7 @@ HOST_NAME = re.compile(r"[a-z0-9._-]+|[0-9a-f:.]+(%[a-z0-9]+)?")  # a name, an I
 
 
 def server_url(flag: str, address: str, port: int | None) -> str:
-    """The server's WebSocket URL from what was typed or pasted; ClientError (one sentence) if it is none.
-
-    Accepted: HOST, HOST:PORT, [IPv6]:PORT (or a bare IPv6 address), and URLs: ws(s)://
-    or the page's http(s):// address; a URL without a path gets /ws. `port` is used when
-    a bare host names none (a URL without one means the scheme's own, as in a browser).
-    """
+    """The WebSocket URL from HOST, HOST:PORT, [IPv6]:PORT, a ws(s):// or http(s):// URL; else ClientError."""
     text = address.strip()
     if text.count(":") > 1 and "[" not in text and "://" not in text:
         text = f"[{text}]"  # a bare IPv6 address, such as ::1
@@ -237,12 +227,8 @@ def clean(value: object) -> str:
     text = SPACING_CONTROLS.sub(" ", text)
     if text.isascii():  # most text: one quick pass
         return UNSAFE_ASCII.sub("", text)
-    return "".join(char for char in text if is_safe(char))
-
-
-def is_safe(char: str) -> bool:
-    """Whether one character may reach the terminal."""
-    return char == ZERO_WIDTH_JOINER or unicodedata.category(char) not in UNSAFE_CATEGORIES
+    return "".join(char for char in text
+                   if char == ZERO_WIDTH_JOINER or unicodedata.category(char) not in UNSAFE_CATEGORIES)
 
 
 def clean_list(value: object) -> list[str]:
@@ -266,21 +252,13 @@ def cells(text: str) -> list[str]:
     return units
 
 
-def cell_width(cell: str) -> int:
-    """Columns one cell takes: 2 for CJK and most emoji, 1 for most else."""
-    return max(wcswidth(cell), 0)
 
 
 NARROW_SYMBOLS = dict.fromkeys(map(ord, "·›│…"), "-")  # the split view's own separators: one column each
 
 
 def is_narrow(text: str) -> bool:
-    """Whether every character of text takes exactly one column (printable ASCII: most chat lines).
-
-    The width helpers take a shortcut for such text: measuring it cell by cell
-    would cost more than everything else the client does with a line. The header,
-    the status bar and the prompt take it too: their separators are one column wide.
-    """
+    """Whether each character takes one column (printable ASCII: most lines): no need to measure cells."""
     if not text.isascii():
         text = text.translate(NARROW_SYMBOLS)
     return text.isascii() and text.isprintable()
@@ -288,9 +266,7 @@ def is_narrow(text: str) -> bool:
 
 def text_width(text: str) -> int:
     """Columns a text takes on the terminal."""
-    if is_narrow(text):
-        return len(text)
-    return sum(cell_width(cell) for cell in cells(text))
+    return len(text) if is_narrow(text) else max(wcswidth(text), 0)  # 2 for CJK and most emoji
 
 
 def clip(text: str, width: int, keep_end: bool = False) -> str:
@@ -300,7 +276,7 @@ def clip(text: str, width: int, keep_end: bool = False) -> str:
         return text[max(len(text) - width, 0):] if keep_end else text[:width]
     kept, used = [], 0
     for cell in reversed(cells(text)) if keep_end else cells(text):
-        used += cell_width(cell)
+        used += max(wcswidth(cell), 0)
         if used > width:
             break
         kept.append(cell)
@@ -313,22 +289,18 @@ def fit(text: str, width: int) -> str:
     return text + " " * (width - text_width(text))
 
 
-def fit_right(text: str, width: int) -> str:
-    """Text clipped (marked with an ellipsis) or padded on the left to exactly width columns."""
-    if text_width(text) > width:
-        text = clip(text, width - 1) + "…"
-    return " " * (width - text_width(text)) + text
 
 
 def hard_wrap(text: str, width: int) -> list[str]:
     """Cut text into rows of at most width columns, wherever the row is full."""
     rows, row, used = [], "", 0
     for cell in cells(text):
-        if used + cell_width(cell) > width and row:
+        columns = max(wcswidth(cell), 0)
+        if used + columns > width and row:
             rows.append(row)
             row, used = "", 0
         row += cell
-        used += cell_width(cell)
+        used += columns
     return rows + [row]
 
 
@@ -373,11 +345,7 @@ BASIC_USERNAME_COLOURS = (2, 3, 4, 5, 6)
 
 
 def username_colour(username: str, palette: tuple[int, ...] = USERNAME_COLOURS) -> int:
-    """The same colour for a username in every client and every run.
-
-    Python's hash() is salted per process, so it would give bob another colour
-    tomorrow; crc32 of the folded name does not.
-    """
+    """One colour for a username in every client and run: crc32 of the folded name (hash() is salted)."""
     return palette[zlib.crc32(username.lower().encode()) % len(palette)]
 
 
@@ -450,10 +418,7 @@ def forget_room(model: Model, name: str) -> None:
 
 
 def add_line(model: Model, line: Line) -> Line:
-    """Append a line to its room's scrollback; a message for another room counts as unread.
-
-    While the room's view is scrolled up, the line goes below the view, which stays put.
-    """
+    """Append a line to its room (unread, if not current); below a scrolled-up view, which stays put."""
     room = ensure_room(model, line.room or model.room)
     room.lines.append(line)
     if line.kind == "message" and room.name != model.room:
@@ -481,9 +446,6 @@ def note(model: Model, text: str, kind: str = "info") -> Line:
     return add_line(model, Line(kind, text, local_time()))
 
 
-def set_state(model: Model, state: str, detail: str = "") -> None:
-    """Change the connection state shown in the header."""
-    model.state, model.state_detail = state, detail
 
 
 def whole_number(value: object) -> int:
@@ -523,7 +485,7 @@ def on_welcome(model: Model, event: dict) -> list[Line]:
     model.rate = Pacer.from_limits(limits)
     if not event.get("resumed"):
         model.last_seq = 0  # a new session: nothing of it seen yet
-    set_state(model, "connected")
+    model.state, model.state_detail = "connected", ""
     lines = [note(model, welcome_text(model, event))]
     lost = whole_number(event.get("lost"))
     if lost:
@@ -535,13 +497,11 @@ def on_welcome(model: Model, event: dict) -> list[Line]:
 
 def welcome_text(model: Model, event: dict) -> str:
     """The sentence that greets a new or resumed session."""
-    if event.get("resumed"):
-        missed = whole_number(event.get("missed"))
-        if not missed:
-            return "Reconnected: your session is back."
-        follow = "missed message follows" if missed == 1 else "missed messages follow"
-        return f"Reconnected: your session is back ({missed} {follow})."
-    return f"Connected to {model.server} as {model.username}. Type /help for the commands."
+    if not event.get("resumed"):
+        return f"Connected to {model.server} as {model.username}. Type /help for the commands."
+    missed = whole_number(event.get("missed"))
+    follow = f" ({missed} missed message{' follows' if missed == 1 else 's follow'})" if missed else ""
+    return f"Reconnected: your session is back{follow}."
 
 
 def on_message(model: Model, event: dict) -> list[Line]:
@@ -549,25 +509,17 @@ def on_message(model: Model, event: dict) -> list[Line]:
     line = Line("message", clean(event.get("text")), local_time(event.get("timestamp")),
                 clean(event.get("username")), clean(event.get("room")))
     seq = whole_number(event.get("seq"))
-    if event.get("replayed") and already_shown(model, line, seq):
-        return []  # a missed message is shown once, even if it had already arrived
+    # A missed message is shown once, even if it had already arrived: by its seq, or the same line there.
+    if event.get("replayed") and (seq <= model.last_seq if seq else
+                                  line in ensure_room(model, line.room or model.room).lines):
+        return []
     model.last_seq = max(model.last_seq, seq)
     return [add_line(model, line)]
 
 
-def already_shown(model: Model, line: Line, seq: int) -> bool:
-    """Whether a replayed message had arrived before: by its seq (without one: the same line is there)."""
-    if seq:
-        return seq <= model.last_seq
-    return line in ensure_room(model, line.room or model.room).lines
-
-
-SYSTEM_KINDS = {"join": "join", "leave": "leave"}  # other system events are plain notices
-
-
 def on_system(model: Model, event: dict) -> list[Line]:
     """system: someone joined or left a room, or a notice (shutdown, idle timeout)."""
-    kind = SYSTEM_KINDS.get(event.get("event"), "system")
+    kind = event.get("event") if event.get("event") in ("join", "leave") else "system"
     line = Line(kind, clean(event.get("text")), local_time(event.get("timestamp")),
                 clean(event.get("username")), clean(event.get("room")))
     if line.username and kind != "system":
@@ -637,10 +589,7 @@ def on_users(model: Model, event: dict) -> list[Line]:
 
 
 def on_help(model: Model, event: dict, quiet: bool = False) -> list[Line]:
-    """help: the reply to /help, one line per command (plus the client's own /quit); Tab completes them.
-
-    quiet: the client asked, after logging in, only to learn the commands: nothing is shown.
-    """
+    """help: the reply to /help, a line per command (and our /quit); quiet: our own question, not shown."""
     usages = [(clean(c.get("usage")), clean(c.get("description"))) for c in records(event.get("commands"))]
     if not any(usage.startswith("/quit") for usage, _ in usages):
         usages.append(("/quit", "leave the chat (Ctrl-C works too)"))
@@ -693,11 +642,7 @@ class Completion:
 
 @dataclass
 class InputLine:
-    """The line being typed: its text and cursor, the history, and any completion in progress.
-
-    Editing a line recalled from the history makes it the draft: browsing ends
-    there, and Up then Down come back to it rather than to the older draft.
-    """
+    """The line being typed, its cursor, history, completion; editing a recalled line makes it the draft."""
 
     text: str = ""
     cursor: int = 0  # an index into text: the cursor sits before text[cursor]
@@ -706,10 +651,14 @@ class InputLine:
     draft: str = ""  # the unsent line, kept while browsing the history
     completion: Completion | None = None
 
+    def splice(self, start: int, end: int, chars: str = "") -> None:
+        """Every edit: chars in place of text[start:end], the cursor after them; browsing the history ends."""
+        self.text, self.cursor = self.text[:start] + chars + self.text[end:], start + len(chars)
+        self.browsing = None
+
     def set(self, text: str) -> None:
         """Replace the whole line, cursor at the end (Ctrl-U sets it empty)."""
-        self.show(text)
-        self.browsing = None
+        self.splice(0, len(self.text), text)
 
     def show(self, text: str) -> None:
         """Put a line from the history (or the draft) in place, cursor at the end."""
@@ -717,22 +666,17 @@ class InputLine:
 
     def insert(self, chars: str) -> None:
         """Type characters at the cursor."""
-        self.text = self.text[:self.cursor] + chars + self.text[self.cursor:]
-        self.cursor += len(chars)
-        self.browsing = None
+        self.splice(self.cursor, self.cursor, chars)
 
     def backspace(self) -> None:
         """Delete the character before the cursor."""
         if self.cursor:
-            self.text = self.text[:self.cursor - 1] + self.text[self.cursor:]
-            self.cursor -= 1
-            self.browsing = None
+            self.splice(self.cursor - 1, self.cursor)
 
     def delete(self) -> None:
         """Delete the character under the cursor."""
         if self.cursor < len(self.text):
-            self.text = self.text[:self.cursor] + self.text[self.cursor + 1:]
-            self.browsing = None
+            self.splice(self.cursor, self.cursor + 1)
 
     def move(self, steps: int) -> None:
         """Move the cursor left (negative) or right, staying inside the line."""
@@ -740,9 +684,7 @@ class InputLine:
 
     def delete_word(self) -> None:
         """Delete the word before the cursor, and the spaces after it (Ctrl-W)."""
-        start = self.text[:self.cursor].rstrip(" ").rfind(" ") + 1  # after the space before the word
-        self.text, self.cursor = self.text[:start] + self.text[self.cursor:], start
-        self.browsing = None
+        self.splice(self.text[:self.cursor].rstrip(" ").rfind(" ") + 1, self.cursor)  # from after a space
 
     def take(self) -> str:
         """Enter: hand over the line, remember it in the history, start a new one."""
@@ -780,10 +722,7 @@ class InputLine:
         if not done.matches:
             return
         done.index = (done.index + 1) % len(done.matches)
-        word = done.matches[done.index] + " "
-        self.text = self.text[:done.start] + word + self.text[self.cursor:]
-        self.cursor = done.start + len(word)
-        self.browsing = None
+        self.splice(done.start, self.cursor, done.matches[done.index] + " ")
 
 
 def completion_pool(model: Model, before_cursor: str) -> list[str]:
@@ -830,20 +769,15 @@ CLOSE_FLOODING = 4029
 FINAL_CLOSE_CODES = {CLOSE_PROTOCOL_ERROR, CLOSE_BAD_USERNAME, CLOSE_USERNAME_TAKEN, CLOSE_SERVER_FULL,
                      CLOSE_ADDRESS_FULL, CLOSE_IDLE, CLOSE_REPLACED, CLOSE_FLOODING}
 SESSION_ENDED_CODES = FINAL_CLOSE_CODES | {CLOSE_SLOW_CONSUMER}  # the server keeps no session after these
-CLOSE_REASONS = {
-    None: "the connection broke",
-    CLOSE_NORMAL: "the server closed the connection",
-    CLOSE_GOING_AWAY: "the server is shutting down",
+CLOSE_REASONS = {  # for people: why a connection ended
+    None: "the connection broke", 1006: "the connection broke",
+    CLOSE_NORMAL: "the server closed the connection", CLOSE_GOING_AWAY: "the server is shutting down",
     CLOSE_PROTOCOL_ERROR: "the server found a protocol error and ended the session",
-    1006: "the connection broke",
     CLOSE_TOO_BIG: "a line was too big for the server, so it was not sent",
-    CLOSE_BAD_USERNAME: "the username was refused",
-    CLOSE_USERNAME_TAKEN: "the username is taken",
-    CLOSE_SERVER_FULL: "the server is full",
-    CLOSE_BAD_TOKEN: "the server no longer knows this session",
+    CLOSE_BAD_USERNAME: "the username was refused", CLOSE_USERNAME_TAKEN: "the username is taken",
+    CLOSE_SERVER_FULL: "the server is full", CLOSE_BAD_TOKEN: "the server no longer knows this session",
     CLOSE_ADDRESS_FULL: "too many connections come from your address",
-    CLOSE_IDLE: "you were idle for too long",
-    CLOSE_SLOW_CONSUMER: "the connection fell too far behind",
+    CLOSE_IDLE: "you were idle for too long", CLOSE_SLOW_CONSUMER: "the connection fell too far behind",
     CLOSE_REPLACED: "your session was taken over by a newer connection (another client of yours?)",
     CLOSE_FLOODING: "you kept sending after the server asked you to slow down",
 }
@@ -873,10 +807,7 @@ def held_wait(refused: Refused) -> float:
 
 
 def rejoin_order(rooms: list[str], current: str) -> list[str]:
-    """Rooms to join after a fresh login (which puts us in the lobby): the current room last.
-
-    The last /join makes its room current, so we end up where we were, even in #lobby.
-    """
+    """Rooms to rejoin after a fresh login (in the lobby), the current last: its /join makes it current."""
     others = sorted((name for name in rooms if name not in (LOBBY, current)), key=room_order)
     if not others and current == LOBBY:
         return []  # the fresh login already puts us there
@@ -884,11 +815,7 @@ def rejoin_order(rooms: list[str], current: str) -> list[str]:
 
 
 def backoff_seconds(attempt: int, rand: Callable[[], float] = random.random) -> float:
-    """The wait before reconnect attempt n: doubling from 0.5 s up to 10 s, with jitter.
-
-    The jitter (a random 50-100 % of the delay) keeps a roomful of clients that lost
-    the same server from all knocking at the same instant when it comes back.
-    """
+    """The wait before attempt n: 0.5 s doubling to 10 s, 50-100 % of it so clients do not knock at once."""
     ceiling = min(BACKOFF_CAP_SECONDS, BACKOFF_FIRST_SECONDS * 2 ** (attempt - 1))
     return ceiling * (0.5 + rand() / 2)
 
@@ -931,10 +858,7 @@ def duration(value: float) -> str:
 
 
 def login_url(url: str, username: str, token: str = "", last_seq: int = 0) -> str:
-    """The server URL with the login query: ?username=NAME, plus &token=T&last_seq=N to resume.
-
-    last_seq is the last message we saw: the server replays what came after it.
-    """
+    """The URL with the login query: ?username=NAME, and &token=T&last_seq=N (replay after N) to resume."""
     parts = urlsplit(url)
     query = parse_qsl(parts.query) + [("username", username)]
     if token:
@@ -974,11 +898,7 @@ class Connection:
 
     def __init__(self, settings: Settings, model: Model, show: Callable[[list[Line]], None],
                  reconnect_after_shutdown: bool, revivable: bool = False):
-        """Not connected yet; `show` gets the lines each event adds (plain mode prints them).
-
-        revivable: someone is typing (the split view, plain mode on a terminal), so
-        going offline waits for Enter to try again instead of ending the session.
-        """
+        """Not connected yet; `show` gets each event's lines; revivable: Enter can bring us back online."""
         self.settings, self.model, self.show = settings, model, show
         self.reconnect_after_shutdown, self.revivable = reconnect_after_shutdown, revivable
         self.ws: tornado.websocket.WebSocketClientConnection | None = None  # None while disconnected
@@ -1023,26 +943,23 @@ class Connection:
                 return None
 
     async def connect(self, first: bool = False, at_once: bool = False) -> bool:
-        """Log in, trying again as the reconnect rule says, until we are in (True) or refused for good.
-
-        first: the first login, before the chat starts: an unreachable server or a refusal
-        is a ClientError (one sentence) instead. at_once: no delay before the first attempt
-        (Enter asked for it). A server that keeps dropping us soon after each login gets
-        ever longer delays too (quick_drops), never a tight loop of reconnects.
-        """
+        """Log in, retrying by the reconnect rule, until in (True) or refused for good (False)."""
+        # first: before the chat starts, failing is a ClientError; at_once: Enter asked, no delay.
         attempt, delay, held_for = 0, 0.0 if first or at_once else None, 0.0
         while not self.quitting:
             attempt += 1
             delay = self.delay_before(attempt) if delay is None else delay
-            set_state(self.model, "reconnecting" if delay else "connecting",
-                      f"in {delay:.0f} s, attempt {attempt}" if delay else "")
+            self.model.state = "reconnecting" if delay else "connecting"
+            self.model.state_detail = f"in {delay:.0f} s, attempt {attempt}" if delay else ""
             self.show([])
             await asyncio.sleep(delay)
             delay = None
             try:
                 refused = await self.log_in()
             except CONNECT_ERRORS as error:
-                self.drop_socket()
+                if self.ws is not None:  # failed half-way, say with no welcome in time: abandon it
+                    self.ws.close()
+                self.ws = None
                 if first:
                     raise ClientError(f"Cannot reach the chat server at {self.settings.url}: "
                                       f"{describe_error(error)}.") from None
@@ -1054,7 +971,12 @@ class Connection:
                 self.forget_session()
                 attempt, delay = 0, 0.0  # a fresh login, at once
             elif wait and held_for + wait <= HELD_WAIT_LIMIT_SECONDS:
-                self.tell_held(wait, first)
+                text = (f"{self.settings.username!r} is held for a session that dropped a moment ago, "
+                        f"probably yours. Trying again when the name is free, in {wait:.0f} s")
+                if first:  # the screen is not ours yet
+                    print(f"client.py: {text} (Ctrl-C gives up).", file=sys.stderr, flush=True)
+                else:
+                    self.show([note(self.model, f"{text}.")])
                 held_for, delay = held_for + wait, wait
             elif first:
                 raise ClientError(f"The server refused {self.settings.username!r}: {refused.text}")
@@ -1062,14 +984,6 @@ class Connection:
                 return self.give_up(refused.close_code, refused.text)
         return False
 
-    def tell_held(self, wait: float, first: bool) -> None:
-        """Our name is held for a session that dropped (most likely ours): we wait for it, and say so."""
-        text = (f"{self.settings.username!r} is held for a session that dropped a moment ago, probably "
-                f"yours. Trying again when the name is free, in {wait:.0f} s")
-        if first:  # the screen is not ours yet
-            print(f"client.py: {text} (Ctrl-C gives up).", file=sys.stderr, flush=True)
-        else:
-            self.show([note(self.model, f"{text}.")])
 
     # -- the life of a session --
 
@@ -1078,17 +992,12 @@ class Connection:
         self.task = asyncio.create_task(self.run())
 
     async def run(self) -> None:
-        """Read events until the link closes; reconnect as the rule says.
-
-        Only our own close (/quit) ends it, or going offline when nobody can press
-        Enter (plain mode over pipes).
-        """
+        """Read events, reconnecting by the rule; only /quit ends it (or going offline over pipes)."""
         while True:
-            while True:
-                frame = await self.ws.read_message()
-                if frame is None:
-                    break
+            frame = await self.ws.read_message()
+            while frame is not None:
                 self.receive(frame)
+                frame = await self.ws.read_message()
             self.last_close, reason = self.ws.close_code, self.ws.close_reason or ""
             self.lose_connection()
             self.count_drop(time.monotonic())
@@ -1122,23 +1031,14 @@ class Connection:
         """The wait before a reconnect attempt: longer after each connection that did not last."""
         return backoff_seconds(attempt + self.quick_drops)
 
-    def drop_socket(self) -> None:
-        """Abandon a connection attempt that failed half-way (say, no welcome in time)."""
-        if self.ws is not None:
-            self.ws.close()
-        self.ws = None
 
     def forget_session(self) -> None:
-        """The server does not know our token: log in afresh, then rejoin our rooms; say so in every room.
-
-        After a close that ended the session on purpose (idle, say) that is no news, and
-        no restart: only a resume that found nothing means the server forgot us.
-        """
+        """The server does not know our token: log in afresh and rejoin our rooms, saying so in every room."""
         self.token = ""
         self.rejoin = rejoin_order(list(self.model.rooms), self.model.room)
         rooms = ", ".join(f"#{name}" for name in self.rejoin)
         then = f", then rejoining {rooms}" if rooms else ""
-        if self.last_close in SESSION_ENDED_CODES:
+        if self.last_close in SESSION_ENDED_CODES:  # ended on purpose (idle, say): no news, no restart
             text = f"Logging in afresh as {self.model.username}{then}."
         else:
             text = (f"The server no longer knows this session (it restarted, or the session expired): "
@@ -1167,7 +1067,7 @@ class Connection:
     def give_up(self, close_code: int | None, text: str) -> bool:
         """The server ended the session on purpose: say why in one line, and stay offline (False)."""
         self.gave_up = True
-        set_state(self.model, "offline", describe_close(close_code))
+        self.model.state, self.model.state_detail = "offline", describe_close(close_code)
         if self.revivable and close_code != CLOSE_BAD_USERNAME:  # a refused name stays refused
             text += " Press Enter to reconnect, or /quit to leave."
         self.show([note(self.model, text, kind="error")])
@@ -1200,11 +1100,7 @@ class Connection:
         self.show(apply_event(self.model, event))
 
     def ask(self) -> asyncio.Future:
-        """Send a quiet /help after the lines already queued; the future is done when it is answered.
-
-        The server answers a connection's lines in order, so by then every line queued
-        before it has had its echo or reply: one round trip, whatever was sent.
-        """
+        """A quiet /help after the queued lines: answered in order, when each line before it had its reply."""
         question = asyncio.get_running_loop().create_future()
         self.send(question)
         return question
@@ -1226,19 +1122,16 @@ class Connection:
         # A failed write means the link is gone; run() notices that and reconnects.
         written.add_done_callback(lambda future: future.cancelled() or future.exception())
 
-    def pump(self) -> None:
+    def pump(self, timer_fired: bool = False) -> None:
         """Send queued lines, in order, as fast as the server's rate limit allows."""
+        if timer_fired:
+            self.pump_timer = None
         while self.logged_in and self.outbox and not self.pump_timer:
             delay = self.model.rate.wait(time.monotonic()) if self.model.rate else 0.0
-            if delay:  # a timer callback sends the rest: never a sleep
-                self.pump_timer = asyncio.get_running_loop().call_later(delay, self.pump_later)
+            if delay:  # a timer calls back to send the rest: never a sleep
+                self.pump_timer = asyncio.get_running_loop().call_later(delay, self.pump, True)
                 break
             self.write(self.outbox.pop(0))
-
-    def pump_later(self) -> None:
-        """Timer callback: the rate allows another line now."""
-        self.pump_timer = None
-        self.pump()
 
     async def close(self) -> None:
         """Leave with a normal close frame (the server frees the name at once), then stop."""
@@ -1279,12 +1172,7 @@ def plain_text(line: Line) -> str:
 
 
 class Printer:
-    """Plain mode's way to show new lines: print each one once, gathering those that come together.
-
-    A write and a flush per line would cost the client a system call per line
-    in a busy room; gathered, the lines of a twentieth of a second (one frame,
-    as the split view draws) go out in one write.
-    """
+    """Plain mode's output: the lines of one frame's time go out in one write, not a system call per line."""
 
     def __init__(self):
         """Nothing waiting to be printed."""
@@ -1328,13 +1216,7 @@ def hand_over(loop: asyncio.AbstractEventLoop, *call) -> bool:
 
 
 class SignalWatch:
-    """Signals turned into calls on the loop, on every platform; close() puts things back.
-
-    Where the loop can watch signals (Unix), it does. Windows' loops cannot (they
-    raise NotImplementedError): there a plain handler hands the call to the loop,
-    so the callback still runs between the loop's callbacks, never in the middle
-    of one. A signal this system does not have (SIGWINCH on Windows, say) is skipped.
-    """
+    """Signals as calls on the loop: its own watch on Unix, a handler that hands over on Windows."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         """Nothing watched yet."""
@@ -1363,14 +1245,7 @@ class SignalWatch:
 
 def read_stdin_in_thread(loop: asyncio.AbstractEventLoop, on_line: Callable[[str], None],
                          on_end: Callable[[], None]) -> None:
-    """Read stdin line by line in a thread that only schedules the work onto the loop.
-
-    A thread, because a file redirected to stdin cannot be watched by the loop (nor
-    can anything on Windows). It reads the unbuffered stream under sys.stdin: a
-    daemon thread blocked inside sys.stdin holds its lock, and Python aborts if
-    that lock is held when the client exits. (On a Windows console that stream
-    gives UTF-8, as a pipe does here.)
-    """
+    """Read stdin's lines in a thread that hands them to the loop (which cannot watch a file, nor Windows)."""
     def read() -> None:
         """The thread: split what stdin gives into lines, until it ends."""
         decoder, pending = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
@@ -1382,6 +1257,8 @@ def read_stdin_in_thread(loop: asyncio.AbstractEventLoop, on_line: Callable[[str
             hand_over(loop, on_line, pending)  # a last line without a newline still counts
         hand_over(loop, on_end)
 
+    # Unbuffered (UTF-8 on a Windows console too): a daemon thread blocked inside sys.stdin holds
+    # its lock, and Python aborts if that lock is held when the client exits.
     raw_stdin = sys.stdin.buffer.raw
     threading.Thread(target=read, name="stdin", daemon=True).start()
 
@@ -1399,10 +1276,7 @@ async def run_plain(settings: Settings) -> int:
     finished = asyncio.Event()  # end of input, /quit or Ctrl-C
 
     def on_line(line: str) -> None:
-        """One line from stdin: /quit finishes, a too long line is refused, the rest is sent.
-
-        Offline, any line (even a blank one) connects again first.
-        """
+        """A stdin line: /quit finishes, too long is refused, else it is sent; offline, any reconnects."""
         if finished.is_set():
             return
         too_long = too_long_note(model, line)
@@ -1473,34 +1347,17 @@ class Layout:
     height: int
     wants_sidebar: bool | None = None  # F2's choice; None: by the width
 
-    @property
-    def sidebar(self) -> int:
-        """Columns of the sidebar: on a wide terminal, or when F2 asked for it; else 0, hidden."""
+    def __post_init__(self):
+        """The sizes of the parts: the sidebar shows on a wide terminal, or when F2 asked for it."""
         wide = self.width >= WITH_SIDEBAR_COLUMNS
         shown = wide if self.wants_sidebar is None else self.wants_sidebar
-        if not shown or self.width < MIN_SIDEBAR_COLUMNS:
-            return 0
-        return SIDEBAR_COLUMNS if wide else NARROW_SIDEBAR_COLUMNS
-
-    @property
-    def messages(self) -> int:
-        """Columns of the message area."""
-        return self.width - self.sidebar
-
-    @property
-    def body(self) -> int:
-        """Rows between the header and the status bar."""
-        return self.height - 3
-
-    @property
-    def names(self) -> int:
-        """Columns for the name (or the mark) before each message."""
-        return 12 if self.messages >= 64 else 8
-
-    @property
-    def text(self) -> int:
-        """Columns left for a message's text, after time, name, separator and a margin."""
-        return max(self.messages - TIME_COLUMNS - 1 - self.names - 3 - 1, 4)
+        self.sidebar = 0  # its columns; 0: hidden
+        if shown and self.width >= MIN_SIDEBAR_COLUMNS:
+            self.sidebar = SIDEBAR_COLUMNS if wide else NARROW_SIDEBAR_COLUMNS
+        self.messages = self.width - self.sidebar  # columns of the message area
+        self.body = self.height - 3  # rows between the header and the status bar
+        self.names = 12 if self.messages >= 64 else 8  # columns for the name (or mark) before a message
+        self.text = max(self.messages - TIME_COLUMNS - 1 - self.names - 3 - 1, 4)  # then " │ ", a margin
 
 
 @dataclass
@@ -1512,35 +1369,20 @@ class Row:
     first: bool  # the first row of a line shows its time and name
 
 
-def room_rows(room: Room, width: int, wanted: int) -> list[Row]:
-    """The wrapped rows of a room's newest lines (above the view): at least `wanted`, if there are so many.
-
-    Lines that arrived below a scrolled-up view are left out, so the view stays put.
-    """
-    lines = list(room.lines)[:len(room.lines) - room.lines_below]
-    rows: list[Row] = []
-    for line in reversed(lines):
-        parts = wrap(line.text, width)
-        rows[:0] = [Row(line, part, index == 0) for index, part in enumerate(parts)]
-        if len(rows) >= wanted:
-            break
-    return rows
-
-
 def visible_rows(room: Room, layout: Layout) -> tuple[list[Row], int]:
     """The rows on screen (oldest first) and the scroll offset, held inside the room's history."""
-    rows = room_rows(room, layout.text, layout.body + room.scroll_rows)
+    rows: list[Row] = []  # the wrapped rows of the newest lines above the view, as many as needed
+    for line in reversed(list(room.lines)[:len(room.lines) - room.lines_below]):
+        rows[:0] = [Row(line, part, index == 0) for index, part in enumerate(wrap(line.text, layout.text))]
+        if len(rows) >= layout.body + room.scroll_rows:
+            break
     scroll = min(room.scroll_rows, max(0, len(rows) - layout.body))
     end = len(rows) - scroll
     return rows[max(0, end - layout.body):end], scroll
 
 
 def scroll_view(room: Room, rows: int, width: int) -> None:
-    """Scroll a room's view up (rows > 0) or down; down past the last line below it, it follows the newest.
-
-    Scrolling down brings the lines that arrived below the view back into it, one
-    by one, each adding its rows to the offset (width: the text column's, for wrapping).
-    """
+    """Scroll a room's view by rows (up > 0); down, lines below it come back one by one, then the newest."""
     room.scroll_rows += rows
     while room.scroll_rows < 0 and room.lines_below:
         room.lines_below -= 1
@@ -1560,29 +1402,22 @@ def paint(pieces: list[tuple[Callable[[str], str], str]], width: int) -> str:
     return "".join(out) + " " * left
 
 
-def in_bold(term: blessed.Terminal, style: Callable[[str], str]) -> Callable[[str], str]:
-    """A style, in bold too (your own name)."""
-    return lambda text: term.bold + style(text)
 
 
 def dim(term: blessed.Terminal) -> Callable[[str], str]:
-    """Grey, for times and borders; plain on a terminal without bright colours.
-
-    On an 8-colour terminal (TERM=screen, linux) blessed cannot express grey or
-    colours 8-15 at all, and would send broken sequences instead.
-    """
+    """Grey, for times and borders; plain on 8 colours, where blessed's grey is a broken sequence."""
     return term.bright_black if term.number_of_colors >= 16 else str
 
 
-def username_style(term: blessed.Terminal, username: str) -> Callable[[str], str]:
-    """A username's colour, from the palette this terminal can show."""
+def username_style(term: blessed.Terminal, username: str, own: bool = False) -> Callable[[str], str]:
+    """A username's colour, from the palette this terminal can show; your own name in bold too."""
     palette = USERNAME_COLOURS if term.number_of_colors >= 16 else BASIC_USERNAME_COLOURS
-    return term.color(username_colour(username, palette))
+    colour = term.color(username_colour(username, palette))
+    return (lambda text: term.bold + colour(text)) if own else colour
 
 
 def header(term: blessed.Terminal, model: Model, layout: Layout) -> str:
-    """The top row: current room, your name (without the sidebar: how many are here) and the server;
-    the connection state on the right."""
+    """The top row: room, your name (no sidebar: how many are here), server; the connection state last."""
     width = layout.width
     state = f" {model.state}" + (f": {model.state_detail} " if model.state_detail else " ")
     state = clip(state, max(width // 2, 0))
@@ -1607,27 +1442,18 @@ def message_row(term: blessed.Terminal, model: Model, row: Row, layout: Layout) 
 @functools.lru_cache(maxsize=PAINTED_ROWS_KEPT)
 def painted_row(term: blessed.Terminal, kind: str, time: str, mark: str, text: str, own: bool,
                 names: int, width: int) -> str:
-    """A message row painted in its colours, remembered: in a busy room every row moves up each
-    frame, and a row that only moved costs a look-up instead of being painted again."""
-    name_style = {"message": username_style(term, mark), "join": term.green, "leave": term.red,
+    """A message row in its colours, remembered: in a busy room rows just move up, and a look-up is cheap."""
+    name_style = {"message": username_style(term, mark, own), "join": term.green, "leave": term.red,
                   "error": term.bold_red}.get(kind, term.cyan)
-    if own:
-        name_style = in_bold(term, name_style)
     text_style = {"error": term.red, "system": term.cyan, "info": term.cyan}.get(kind, str)
-    return paint([(dim(term), f"{time:{TIME_COLUMNS}} "), (name_style, fit_right(mark, names)),
+    mark = clip(mark, names - 1) + "…" if text_width(mark) > names else mark  # a long name ends in …
+    return paint([(dim(term), f"{time:{TIME_COLUMNS}} "), (name_style, term.rjust(mark, names)),
                   (dim(term), " │ "), (text_style, text)], width)
 
 
-def message_area(term: blessed.Terminal, model: Model, layout: Layout) -> tuple[list[str], int]:
-    """The message area, bottom-aligned, as one string per row; and the scroll offset used."""
-    rows, scroll = visible_rows(current_room(model), layout)
-    painted = [message_row(term, model, row, layout) for row in rows]
-    blank = " " * layout.messages
-    return [blank] * (layout.body - len(painted)) + painted, scroll
-
-
-def sidebar_entries(term: blessed.Terminal, model: Model, width: int) -> list[str]:
-    """The sidebar's content: your rooms with unread counts, then the current room's users."""
+def sidebar(term: blessed.Terminal, model: Model, layout: Layout) -> list[str]:
+    """The sidebar, a string per body row behind a border: your rooms (unread counts), the room's users."""
+    width = layout.sidebar - 2
     entries = [paint([(term.bold, "Rooms")], width)]
     for name in sorted(model.rooms, key=room_order):
         unread = model.rooms[name].unread
@@ -1638,20 +1464,9 @@ def sidebar_entries(term: blessed.Terminal, model: Model, width: int) -> list[st
     room = current_room(model)
     entries += [" " * width, paint([(term.bold, f"Users ({room.user_count})")], width)]
     for name in room.users:
-        style = username_style(term, name)
-        if name.lower() == model.username.lower():
-            style = in_bold(term, style)
-        entries.append(paint([(style, name)], width))
-    return entries
-
-
-def sidebar(term: blessed.Terminal, model: Model, layout: Layout) -> list[str]:
-    """The sidebar as one string per body row, behind a border; long lists end in "+N more"."""
-    width = layout.sidebar - 2
-    if width <= 0:
-        return [""] * layout.body
-    entries = sidebar_entries(term, model, width)
-    if len(entries) > layout.body:
+        own = name.lower() == model.username.lower()
+        entries.append(paint([(username_style(term, name, own), name)], width))
+    if len(entries) > layout.body:  # a long list ends in "+N more"
         hidden = len(entries) - layout.body + 1
         entries = entries[:layout.body - 1] + [paint([(dim(term), f"+{hidden} more")], width)]
     entries += [" " * width] * (layout.body - len(entries))
@@ -1675,10 +1490,7 @@ HINTS = [(3, "Enter sends"), (4, "Tab completes"), (5, "PgUp/PgDn scroll"), (2, 
 
 
 def status_bar(term: blessed.Terminal, model: Model, layout: Layout, scroll: int) -> str:
-    """The row above the input: scrolled up (and new messages below), unread rooms (no sidebar), or hints.
-
-    Each is written to fit the width: what does not fit is left out whole, never cut mid-word.
-    """
+    """The row above the input: scrolled up (new messages below), unread rooms, or hints, in whole parts."""
     room, style, width = current_room(model), term.reverse, layout.width - 1
     if scroll or room.lines_below:
         news = room.new_below
@@ -1703,17 +1515,11 @@ def input_window(text: str, cursor: int, width: int) -> tuple[str, str, str]:
     return before, under, after
 
 
-def length_counter(model: Model) -> str:
-    """ n/limit while the line is near (or over) the server's length limit, else nothing."""
-    length, limit = len(model.input.text), model.limit_chars
-    return f" {length}/{limit}" if limit and length >= NEAR_LIMIT_FRACTION * limit else ""
-
-
 def input_row(term: blessed.Terminal, model: Model, width: int) -> tuple[str, int]:
     """The bottom row (prompt with the room, the line being typed, its cursor); the cursor's column."""
-    prompt = f"#{model.room} › "
-    counter = length_counter(model)
-    counter_style = term.bold_red if len(model.input.text) > model.limit_chars else term.yellow
+    prompt, length, limit = f"#{model.room} › ", len(model.input.text), model.limit_chars
+    counter = f" {length}/{limit}" if limit and length >= NEAR_LIMIT_FRACTION * limit else ""
+    counter_style = term.bold_red if length > limit else term.yellow
     room = max(width - text_width(prompt) - len(counter), 1)
     before, under, after = input_window(model.input.text, model.input.cursor, room)
     pieces = [(term.bold, prompt), (str, before), (term.reverse, under), (str, after)]
@@ -1736,12 +1542,14 @@ def draw_screen(term: blessed.Terminal, model: Model, layout: Layout) -> Frame:
     """The whole screen as a frame: header, message rows, sidebar rows, status bar, input line."""
     if layout.width < MIN_COLUMNS or layout.height < MIN_ROWS:
         return Frame(layout, {(0, 0): "Terminal too small."}, (0, 0), 0)
-    messages, scroll = message_area(term, model, layout)
-    side = sidebar(term, model, layout)
+    rows, scroll = visible_rows(current_room(model), layout)
+    messages = [message_row(term, model, row, layout) for row in rows]
+    messages[:0] = [" " * layout.messages] * (layout.body - len(messages))  # bottom-aligned
+    side = sidebar(term, model, layout) if layout.sidebar else []
     pieces = {(0, 0): header(term, model, layout)}
     for y in range(layout.body):
         pieces[(1 + y, 0)] = messages[y]
-        if layout.sidebar:
+        if side:
             pieces[(1 + y, layout.messages)] = side[y]
     pieces[(layout.height - 2, 0)] = status_bar(term, model, layout, scroll)
     pieces[(layout.height - 1, 0)], column = input_row(term, model, layout.width)
@@ -1749,12 +1557,7 @@ def draw_screen(term: blessed.Terminal, model: Model, layout: Layout) -> Frame:
 
 
 def frame_output(term: blessed.Terminal, shown: Frame | None, frame: Frame) -> str:
-    """What to write to turn the screen from `shown` into `frame`: only the pieces that changed.
-
-    shown None means the screen is unknown (at the start, after a resize or Ctrl-L,
-    back from Ctrl-Z): clear it and paint everything. The cursor ends where the
-    user types, so a terminal (and an input method) shows it there.
-    """
+    """The pieces of `frame` that differ from `shown` (None: clear, paint all), then the cursor."""
     if shown is None or shown.layout != frame.layout:
         out, before = [term.clear], {}
     else:
@@ -1809,11 +1612,7 @@ class SplitView:
             self.hang_up()
 
     async def draw_forever(self) -> None:
-        """Redraw when the model changed, at most FRAMES_PER_SECOND times a second.
-
-        However many events arrive meanwhile, they wait for the next frame and
-        share it. A key does not wait: typing stays instant in the busiest room.
-        """
+        """Redraw when the model changed, at most FRAMES_PER_SECOND a second; events share a frame."""
         loop, timer = asyncio.get_running_loop(), None
         while True:
             await self.dirty.wait()
@@ -1845,13 +1644,7 @@ class SplitView:
     # -- keys --
 
     async def read_keys(self) -> None:
-        """Handle keystrokes as they arrive, without ever blocking the loop.
-
-        The loop tells us when stdin is readable; inkey(timeout=0) then hands over
-        each complete keystroke and never waits for more (only a lone Esc waits
-        ESC_DELAY_SECONDS, to tell it from the start of an arrow key's sequence).
-        Where the loop cannot watch stdin (Windows), a thread reads the keys instead.
-        """
+        """Handle keystrokes when the loop sees stdin readable, never blocking (Windows: a thread reads)."""
         loop, keyboard, readable = asyncio.get_running_loop(), sys.stdin.fileno(), asyncio.Event()
         try:
             loop.add_reader(keyboard, readable.set)
@@ -1869,11 +1662,7 @@ class SplitView:
             loop.remove_reader(keyboard)
 
     async def read_keys_in_thread(self) -> None:
-        """Read keys in a thread that only hands each keystroke to the loop, as plain mode reads lines.
-
-        The thread waits at most KEY_WAIT_SECONDS at a time, so that when the user
-        leaves it stops before the terminal's modes are put back.
-        """
+        """Read keys in a thread that hands them over; it wakes every KEY_WAIT_SECONDS to stop in time."""
         loop, stop = asyncio.get_running_loop(), threading.Event()
 
         def read() -> None:
@@ -1917,11 +1706,7 @@ class SplitView:
         self.may_draw.set()
 
     def submit(self) -> None:
-        """Enter: /quit leaves; any other line goes to the server (or waits for the reconnect).
-
-        Offline, Enter (on any line) connects again. A line over the length limit
-        stays in the input line to be shortened: sent, the server would refuse it.
-        """
+        """Enter: /quit leaves; offline, any line reconnects; a too long line stays, to be shortened."""
         text = self.model.input.text
         if text.strip().lower() in QUIT_COMMANDS:
             return self.quit()
@@ -1940,8 +1725,7 @@ class SplitView:
 
     def scroll(self, pages: int) -> None:
         """PgUp/PgDn: scroll the current room by (almost) a page."""
-        width = self.layout().text
-        scroll_view(current_room(self.model), pages * max(self.page_rows - 2, 1), width)
+        scroll_view(current_room(self.model), pages * max(self.page_rows - 2, 1), self.layout().text)
 
     def layout(self) -> Layout:
         """The layout for the terminal's size now (and F2's choice)."""
@@ -1980,11 +1764,7 @@ class SplitView:
     # -- the whole run --
 
     async def run(self) -> None:
-        """Handle keys, redraws and the connection until the user leaves.
-
-        A crash in a task (keys, drawing, connection) ends the run with its traceback;
-        the terminal modes are context managers, so the terminal is restored first.
-        """
+        """Handle keys, redraws and the connection until you leave; a crashed task ends it."""
         signals = SignalWatch(asyncio.get_running_loop())  # handlers run on the loop, between callbacks
         for name in LEAVING_SIGNALS:
             signals.on(name, self.hang_up if name == "SIGHUP" else self.quit)
@@ -2016,29 +1796,25 @@ def ctrl(letter: str) -> str:
     return chr(ord(letter) & 0x1F)
 
 
-# Keys by blessed's name (KEY_ENTER ...) or, for Ctrl-letters, by the character they send.
+def editing(edit: Callable[[InputLine], None]) -> Callable[[SplitView], None]:
+    """A key's action that edits the input line, for KEY_ACTIONS."""
+    return lambda view: edit(view.model.input)
+
+
+TO_START = editing(lambda line: line.move(-len(line.text)))  # Home, Ctrl-A
+TO_END = editing(lambda line: line.move(len(line.text)))  # End, Ctrl-E
+
+# Keys by blessed's name (KEY_ENTER ...) or, for Ctrl-letters, by the character they send; a pair to a line.
 KEY_ACTIONS: dict[str, Callable[[SplitView], None]] = {
-    "KEY_ENTER": SplitView.submit,
-    "KEY_TAB": SplitView.complete,
-    "KEY_BACKSPACE": lambda view: view.model.input.backspace(),
-    "KEY_DELETE": lambda view: view.model.input.delete(),
-    "KEY_LEFT": lambda view: view.model.input.move(-1),
-    "KEY_RIGHT": lambda view: view.model.input.move(1),
-    "KEY_HOME": lambda view: view.model.input.move(-len(view.model.input.text)),
-    "KEY_END": lambda view: view.model.input.move(len(view.model.input.text)),
-    ctrl("a"): lambda view: view.model.input.move(-len(view.model.input.text)),
-    ctrl("e"): lambda view: view.model.input.move(len(view.model.input.text)),
-    ctrl("w"): lambda view: view.model.input.delete_word(),
-    ctrl("u"): lambda view: view.model.input.set(""),
-    "KEY_UP": lambda view: view.model.input.history_back(),
-    "KEY_DOWN": lambda view: view.model.input.history_forward(),
-    "KEY_PGUP": lambda view: view.scroll(1),
-    "KEY_PGDOWN": lambda view: view.scroll(-1),
-    ctrl("n"): lambda view: view.switch_room(1),
-    ctrl("p"): lambda view: view.switch_room(-1),
-    "KEY_F2": SplitView.toggle_sidebar,
-    ctrl("g"): SplitView.toggle_sidebar,
-    ctrl("l"): SplitView.repaint,
+    "KEY_ENTER": SplitView.submit, "KEY_TAB": SplitView.complete,
+    "KEY_BACKSPACE": editing(InputLine.backspace), "KEY_DELETE": editing(InputLine.delete),
+    "KEY_LEFT": editing(lambda line: line.move(-1)), "KEY_RIGHT": editing(lambda line: line.move(1)),
+    "KEY_HOME": TO_START, "KEY_END": TO_END, ctrl("a"): TO_START, ctrl("e"): TO_END,
+    ctrl("w"): editing(InputLine.delete_word), ctrl("u"): editing(lambda line: line.set("")),
+    "KEY_UP": editing(InputLine.history_back), "KEY_DOWN": editing(InputLine.history_forward),
+    "KEY_PGUP": lambda view: view.scroll(1), "KEY_PGDOWN": lambda view: view.scroll(-1),
+    ctrl("n"): lambda view: view.switch_room(1), ctrl("p"): lambda view: view.switch_room(-1),
+    "KEY_F2": SplitView.toggle_sidebar, ctrl("g"): SplitView.toggle_sidebar, ctrl("l"): SplitView.repaint,
     ctrl("d"): SplitView.quit_if_empty,
     ctrl("c"): SplitView.quit,  # a terminal usually turns Ctrl-C into SIGINT; where it arrives as a key
 }
