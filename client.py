@@ -137,7 +137,6 @@ class ClientError(Exception):
 @dataclass
 class Settings:
     """What the command line asked for."""
-
     username: str
     url: str  # the server's WebSocket URL, without the login query
     plain: bool  # plain line mode even on a terminal
@@ -211,10 +210,9 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
 # Pure helpers: no terminal, no network. Widths are in terminal columns, measured
 # with wcwidth, because a CJK character or an emoji takes two columns.
 
-# C0 and C1 controls, ESC and DEL could move the cursor, recolour or clear the
-# screen; format characters include the bidi overrides and isolates that make
-# text read backwards and the zero-width ones that hide text; lone surrogates
-# (JSON can carry them) cannot be encoded for the terminal at all.
+# C0 and C1 controls, ESC and DEL could move the cursor, recolour or clear the screen; format
+# characters include the bidi overrides and isolates that make text read backwards and the zero-width
+# ones that hide text; lone surrogates (JSON can carry them) cannot be encoded for the terminal at all.
 SPACING_CONTROLS = re.compile("[\t\n\r\x0b\x0c\u2028\u2029]")  # these become a space, so words stay apart
 UNSAFE_ASCII = re.compile("[\x00-\x1f\x7f]")
 UNSAFE_CATEGORIES = {"Cc", "Cf", "Cs"}  # Unicode's control, format and surrogate characters
@@ -252,8 +250,6 @@ def cells(text: str) -> list[str]:
     return units
 
 
-
-
 NARROW_SYMBOLS = dict.fromkeys(map(ord, "·›│…"), "-")  # the split view's own separators: one column each
 
 
@@ -287,8 +283,6 @@ def fit(text: str, width: int) -> str:
     """Text clipped or padded with spaces to exactly width columns."""
     text = clip(text, width)
     return text + " " * (width - text_width(text))
-
-
 
 
 def hard_wrap(text: str, width: int) -> list[str]:
@@ -325,9 +319,7 @@ def wrap(text: str, width: int) -> list[str]:
 
 def local_time(timestamp: object = None) -> str:
     """A server timestamp (ISO 8601, UTC) as local HH:MM:SS; now, if it is missing or unreadable."""
-    text = str(timestamp)
-    if text.endswith("Z"):  # UTC; Python 3.11 reads the "Z" itself, 3.9 and 3.10 need it spelled out
-        text = text[:-1] + "+00:00"
+    text = re.sub("Z$", "+00:00", str(timestamp))  # UTC: Python 3.11 reads "Z", 3.9 and 3.10 do not
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
@@ -337,9 +329,8 @@ def local_time(timestamp: object = None) -> str:
     return moment.astimezone().strftime("%H:%M:%S")
 
 
-# Colours a username may get (terminal colour numbers): not red (errors), not dark
-# blue (unreadable on black), not black, white or grey. A terminal with only eight
-# colours gets the second list.
+# Colours a username may get (terminal colour numbers): not red (errors), not dark blue (unreadable
+# on black), not black, white or grey. A terminal with only eight colours gets the second list.
 USERNAME_COLOURS = (2, 3, 5, 6, 9, 10, 11, 12, 13, 14)
 BASIC_USERNAME_COLOURS = (2, 3, 4, 5, 6)
 
@@ -356,7 +347,6 @@ def username_colour(username: str, palette: tuple[int, ...] = USERNAME_COLOURS) 
 @dataclass
 class Line:
     """One entry of a room's scrollback (and of plain mode's output)."""
-
     kind: str  # message, join, leave, system, info or error
     text: str
     time: str  # local HH:MM:SS
@@ -367,7 +357,6 @@ class Line:
 @dataclass
 class Room:
     """A room you are in: its scrollback, unread count and users."""
-
     name: str
     lines: deque = field(default_factory=lambda: deque(maxlen=SCROLLBACK_LINES))
     users: list[str] = field(default_factory=list)  # at most 200, as the server sends them
@@ -382,7 +371,6 @@ class Room:
 @dataclass
 class Model:
     """Everything the screen shows: rooms, users, connection state and the input line."""
-
     server: str
     username: str
     room: str = ""  # the current room, as the server sees it
@@ -444,8 +432,6 @@ def room_order(name: str) -> list:
 def note(model: Model, text: str, kind: str = "info") -> Line:
     """A line from the client itself (connection news, a hint) in the current room."""
     return add_line(model, Line(kind, text, local_time()))
-
-
 
 
 def whole_number(value: object) -> int:
@@ -522,17 +508,13 @@ def on_system(model: Model, event: dict) -> list[Line]:
     kind = event.get("event") if event.get("event") in ("join", "leave") else "system"
     line = Line(kind, clean(event.get("text")), local_time(event.get("timestamp")),
                 clean(event.get("username")), clean(event.get("room")))
-    if line.username and kind != "system":
-        update_users(ensure_room(model, line.room or model.room), line.username, kind == "join")
+    if line.username and kind != "system":  # the room's user list follows people as they come and go
+        room, joined = ensure_room(model, line.room or model.room), kind == "join"
+        others = [name for name in room.users if name.lower() != line.username.lower()]
+        room.user_count += 1 if joined else -1
+        room.users = sorted(others + [line.username], key=str.lower) if joined else others
+        room.user_count = max(room.user_count, len(room.users))  # the list may be cut at 200 names
     return [add_line(model, line)]
-
-
-def update_users(room: Room, username: str, joined: bool) -> None:
-    """Keep a room's user list up to date as people come and go."""
-    others = [name for name in room.users if name.lower() != username.lower()]
-    room.user_count += 1 if joined else -1
-    room.users = sorted(others + [username], key=str.lower) if joined else others
-    room.user_count = max(room.user_count, len(room.users))  # the list may be cut at 200 names
 
 
 def on_joined(model: Model, event: dict) -> list[Line]:
@@ -543,18 +525,12 @@ def on_joined(model: Model, event: dict) -> list[Line]:
     set_users(room, event)
     room.unread = 0
     model.room = name
-    line = Line("info", f"Now in #{name}{company(model, room)}.", local_time())
+    others = [user for user in room.users if user.lower() != model.username.lower()]
+    company = f" with {name_list(others, max(room.user_count - 1, len(others)))}" if others else ""
+    line = Line("info", f"Now in #{name}{company or ': nobody else is here yet'}.", local_time())
     if is_new:
         add_line(model, line)  # switching back to a room adds nothing to its scrollback,
     return [line]  # but plain mode prints it either way
-
-
-def company(model: Model, room: Room) -> str:
-    """Who else is in a room, for a sentence: " with bob, carol", or that nobody is."""
-    others = [name for name in room.users if name.lower() != model.username.lower()]
-    if not others:
-        return ": nobody else is here yet"
-    return f" with {name_list(others, max(room.user_count - 1, len(others)))}"
 
 
 def set_users(room: Room, event: dict) -> None:
@@ -634,7 +610,6 @@ def parse_event(frame: str | bytes) -> dict:
 @dataclass
 class Completion:
     """A Tab completion in progress: repeated Tabs cycle through the matches."""
-
     start: int  # where the word being completed starts in the line
     matches: list[str]
     index: int = -1
@@ -643,7 +618,6 @@ class Completion:
 @dataclass
 class InputLine:
     """The line being typed, its cursor, history, completion; editing a recalled line makes it the draft."""
-
     text: str = ""
     cursor: int = 0  # an index into text: the cursor sits before text[cursor]
     history: list[str] = field(default_factory=list)
@@ -753,19 +727,17 @@ CLOSE_SLOW_CONSUMER = 4009
 CLOSE_REPLACED = 4010
 CLOSE_FLOODING = 4029
 
-# The reconnect rule, the same in chat.html (a test compares the two). After a close
-# we did not ask for:
-# - a broken link (1006, or no close frame at all), 1000 (the server never closes with it
-#   on purpose; Tornado does, "ping timed out", when we missed its pings, say after the
-#   laptop slept), 1001 (a shutdown, most likely a restart), 1009 and 4009: reconnect by
-#   ourselves, with growing delays, and resume the session with its token;
-# - 4004 on that resume (the server restarted, or no longer holds the session): log in
-#   afresh at once and rejoin our rooms;
-# - 4002 for a name held for resume (`held`: most likely our own dropped session): try
-#   again after `retry_after`;
-# - the rest (FINAL_CLOSE_CODES): the server ended the session on purpose, so trying again
-#   at once would only be refused again. Stay offline, say why in one sentence, and come
-#   back when the user presses Enter.
+# The reconnect rule, the same in chat.html (a test compares the two). After a close we did not ask for:
+# - a broken link (1006, or no close frame at all), 1000 (the server never closes with it on purpose;
+#   Tornado does, "ping timed out", when we missed its pings, say after the laptop slept), 1001 (a
+#   shutdown, most likely a restart), 1009 and 4009: reconnect by ourselves, with growing delays, and
+#   resume the session with its token;
+# - 4004 on that resume (the server restarted, or no longer holds the session): log in afresh at once
+#   and rejoin our rooms;
+# - 4002 for a name held for resume (`held`: most likely our own dropped session): try again after
+#   `retry_after`;
+# - the rest (FINAL_CLOSE_CODES): the server ended the session on purpose, so trying again at once
+#   would only be refused again. Stay offline, say why in one sentence, and come back on Enter.
 FINAL_CLOSE_CODES = {CLOSE_PROTOCOL_ERROR, CLOSE_BAD_USERNAME, CLOSE_USERNAME_TAKEN, CLOSE_SERVER_FULL,
                      CLOSE_ADDRESS_FULL, CLOSE_IDLE, CLOSE_REPLACED, CLOSE_FLOODING}
 SESSION_ENDED_CODES = FINAL_CLOSE_CODES | {CLOSE_SLOW_CONSUMER}  # the server keeps no session after these
@@ -791,7 +763,6 @@ CONNECT_ERRORS = (OSError, asyncio.TimeoutError, tornado.httpclient.HTTPClientEr
 @dataclass
 class Refused:
     """The server said no to a login: its error code and sentence, and the close code."""
-
     code: str
     text: str
     close_code: int | None
@@ -869,7 +840,6 @@ def login_url(url: str, username: str, token: str = "", last_seq: int = 0) -> st
 @dataclass
 class Pacer:
     """The server's rate limit, kept a little under: pasted or piped lines wait their turn, not refused."""
-
     per_second: float
     burst: float
     tokens: float
@@ -918,7 +888,6 @@ class Connection:
         self.task: asyncio.Task | None = None
 
     # -- logging in --
-
     async def log_in(self) -> Refused | None:
         """Open a connection and read up to the welcome; None if we are in, else the refusal."""
         url = login_url(self.settings.url, self.model.username, self.token, self.model.last_seq)
@@ -984,9 +953,7 @@ class Connection:
                 return self.give_up(refused.close_code, refused.text)
         return False
 
-
     # -- the life of a session --
-
     def start(self) -> None:
         """Keep reading events (and reconnecting) in a task of its own."""
         self.task = asyncio.create_task(self.run())
@@ -1031,7 +998,6 @@ class Connection:
         """The wait before a reconnect attempt: longer after each connection that did not last."""
         return backoff_seconds(attempt + self.quick_drops)
 
-
     def forget_session(self) -> None:
         """The server does not know our token: log in afresh and rejoin our rooms, saying so in every room."""
         self.token = ""
@@ -1074,7 +1040,6 @@ class Connection:
         return False
 
     # -- frames in and out --
-
     def receive(self, frame: str | bytes) -> None:
         """One frame from the server: update the token, answer our questions, fold it into the model."""
         event = parse_event(frame)
@@ -1199,10 +1164,9 @@ class Printer:
                 pass
 
 
-# Signals that mean "leave, as /quit does": Ctrl-C, a polite kill, the terminal window
-# closing (SIGHUP), Ctrl-Break on Windows; one a system lacks is skipped. (A Windows console
-# window that closes sends CTRL_CLOSE_EVENT, which Python's signal module cannot catch: the
-# server then sees a vanished client and holds the session for its resume grace.)
+# Signals that mean "leave, as /quit does": Ctrl-C, a polite kill, the terminal window closing (SIGHUP),
+# Ctrl-Break on Windows; one a system lacks is skipped. (A Windows console window that closes sends
+# CTRL_CLOSE_EVENT, which Python cannot catch: the server holds the vanished session for its resume grace.)
 LEAVING_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK")
 
 
@@ -1321,11 +1285,9 @@ async def finish_plain(connection: Connection, finished: asyncio.Event) -> int:
 
 
 # ---- 8. Split view: drawing ------------------------------------------------------
-# Drawing is a function of the model (and the terminal's size): a frame is the
-# whole screen, painted piece by piece, so a resize needs nothing but a redraw.
-# Only the pieces that changed since the last frame are written to the terminal,
-# and frames come at most FRAMES_PER_SECOND times a second (section 9): a busy
-# room costs a few rows per frame, not a screen per message.
+# A frame is the whole screen, painted from the model piece by piece (a resize is just a redraw);
+# only the pieces that changed are written, at most FRAMES_PER_SECOND times a second (section 9),
+# so a busy room costs a few rows per frame, not a screen per message.
 
 # The sidebar shows by itself from WITH_SIDEBAR_COLUMNS on; a narrower terminal (80x24 is
 # common) gives all its width to the messages, and F2 brings a narrower sidebar back.
@@ -1342,7 +1304,6 @@ PAINTED_ROWS_KEPT = 1000  # message rows remembered once painted: a few screens'
 @dataclass
 class Layout:
     """Where the parts of the split view go, for one terminal size."""
-
     width: int
     height: int
     wants_sidebar: bool | None = None  # F2's choice; None: by the width
@@ -1363,7 +1324,6 @@ class Layout:
 @dataclass
 class Row:
     """One screen row of the message area: a line, and which part of its wrapped text."""
-
     line: Line
     text: str
     first: bool  # the first row of a line shows its time and name
@@ -1400,8 +1360,6 @@ def paint(pieces: list[tuple[Callable[[str], str], str]], width: int) -> str:
         left -= text_width(text)
         out.append(style(text) if text else "")
     return "".join(out) + " " * left
-
-
 
 
 def dim(term: blessed.Terminal) -> Callable[[str], str]:
@@ -1531,7 +1489,6 @@ def input_row(term: blessed.Terminal, model: Model, width: int) -> tuple[str, in
 @dataclass
 class Frame:
     """The screen as one redraw paints it: styled pieces by (row, column), and the cursor's place."""
-
     layout: Layout
     pieces: dict[tuple[int, int], str]  # each piece exactly fills its part of a row
     cursor: tuple[int, int]  # (row, column) where the user types
@@ -1591,7 +1548,6 @@ class SplitView:
         self.shell_modes = termios.tcgetattr(sys.stdin.fileno()) if CAN_SUSPEND else None
 
     # -- drawing --
-
     def show(self, lines: list[Line]) -> None:
         """The model changed: redraw at the next frame (a burst of events shares one)."""
         self.dirty.set()
@@ -1642,7 +1598,6 @@ class SplitView:
         self.repaint()
 
     # -- keys --
-
     async def read_keys(self) -> None:
         """Handle keystrokes when the loop sees stdin readable, never blocking (Windows: a thread reads)."""
         loop, keyboard, readable = asyncio.get_running_loop(), sys.stdin.fileno(), asyncio.Event()
@@ -1762,7 +1717,6 @@ class SplitView:
         self.quit()
 
     # -- the whole run --
-
     async def run(self) -> None:
         """Handle keys, redraws and the connection until you leave; a crashed task ends it."""
         signals = SignalWatch(asyncio.get_running_loop())  # handlers run on the loop, between callbacks
