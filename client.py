@@ -894,19 +894,17 @@ class Connection:
         request = tornado.httpclient.HTTPRequest(  # the request timeout covers a server that never answers
             url, connect_timeout=CONNECT_TIMEOUT_SECONDS, request_timeout=CONNECT_TIMEOUT_SECONDS)
         self.ws = await tornado.websocket.websocket_connect(request, ping_interval=PING_INTERVAL_SECONDS)
-        refused = Refused("", "", None)
+        error: dict = {}  # the server's reason, if it refuses
         while True:
             frame = await asyncio.wait_for(self.ws.read_message(), WELCOME_TIMEOUT_SECONDS)
             if frame is None:  # a refusal: an error event, then a close frame
-                refused.close_code = self.ws.close_code
-                refused.text = refused.text or describe_close(self.ws.close_code)
-                self.ws = None
-                return refused
+                close_code, self.ws = self.ws.close_code, None
+                text = clean(error.get("text")) or describe_close(close_code)
+                return Refused(clean(error.get("code")), text, close_code, error.get("held") is True,
+                               seconds(error.get("retry_after")))
             event = parse_event(frame)
             if event.get("type") == "error":
-                refused.code, refused.text = clean(event.get("code")), clean(event.get("text"))
-                refused.held = event.get("held") is True  # our own name, held for resume?
-                refused.retry_after = seconds(event.get("retry_after"))
+                error = event
             elif event.get("type") == "welcome":
                 self.receive(frame)
                 return None
@@ -1052,7 +1050,7 @@ class Connection:
             self.connected_at = time.monotonic()
         elif kind == "joined" and not self.logged_in:
             self.logged_in = True  # the joined after welcome: now lines go in order, our question first
-            question = asyncio.get_running_loop().create_future()
+            question = asyncio.get_running_loop().create_future()  # a quiet /help: the commands for Tab
             self.outbox[:0] = [question] + [f"/join {name}" for name in self.rejoin]
             self.rejoin = []
             self.pump()
@@ -1082,10 +1080,9 @@ class Connection:
             self.helps.append(None if isinstance(line, str) else line)
         try:
             written = self.ws.write_message(text)
-        except tornado.websocket.WebSocketClosedError:
-            return  # run() sees the close and reconnects
-        # A failed write means the link is gone; run() notices that and reconnects.
-        written.add_done_callback(lambda future: future.cancelled() or future.exception())
+        except tornado.websocket.WebSocketClosedError:  # the link is gone: run() sees the close, reconnects
+            return
+        written.add_done_callback(lambda future: future.cancelled() or future.exception())  # failed: the same
 
     def pump(self, timer_fired: bool = False) -> None:
         """Send queued lines, in order, as fast as the server's rate limit allows."""
@@ -1154,14 +1151,13 @@ class Printer:
         """Print what is waiting, now."""
         if self.timer is not None:
             self.timer.cancel()
-            self.timer = None
-        if self.pending:
-            lines, self.pending = "".join(f"{text}\n" for text in self.pending), []
-            try:
+        self.timer, lines, self.pending = None, "".join(f"{text}\n" for text in self.pending), []
+        try:
+            if lines:
                 sys.stdout.write(lines)
                 sys.stdout.flush()
-            except OSError:  # the terminal has gone (its window closed), or the pipe: nobody reads now
-                pass
+        except OSError:  # the terminal has gone (its window closed), or the pipe: nobody reads now
+            pass
 
 
 # Signals that mean "leave, as /quit does": Ctrl-C, a polite kill, the terminal window closing (SIGHUP),
@@ -1197,8 +1193,7 @@ class SignalWatch:
             self.undo.append(lambda: self.loop.remove_signal_handler(number))
         except NotImplementedError:
             previous = signal.signal(number, lambda *_: hand_over(self.loop, callback))
-            restore = previous if previous is not None else signal.SIG_DFL
-            self.undo.append(lambda: signal.signal(number, restore))
+            self.undo.append(lambda: signal.signal(number, previous or signal.SIG_DFL))  # None: not Python's
         return True
 
     def close(self) -> None:
@@ -1318,7 +1313,7 @@ class Layout:
         self.messages = self.width - self.sidebar  # columns of the message area
         self.body = self.height - 3  # rows between the header and the status bar
         self.names = 12 if self.messages >= 64 else 8  # columns for the name (or mark) before a message
-        self.text = max(self.messages - TIME_COLUMNS - 1 - self.names - 3 - 1, 4)  # then " │ ", a margin
+        self.text = max(self.messages - TIME_COLUMNS - 1 - self.names - 3 - 1, 4)  # after " │ ", a margin
 
 
 @dataclass
@@ -1515,10 +1510,8 @@ def draw_screen(term: blessed.Terminal, model: Model, layout: Layout) -> Frame:
 
 def frame_output(term: blessed.Terminal, shown: Frame | None, frame: Frame) -> str:
     """The pieces of `frame` that differ from `shown` (None: clear, paint all), then the cursor."""
-    if shown is None or shown.layout != frame.layout:
-        out, before = [term.clear], {}
-    else:
-        out, before = [], shown.pieces
+    fresh = shown is None or shown.layout != frame.layout
+    out, before = ([term.clear], {}) if fresh else ([], shown.pieces)
     for (y, x), piece in frame.pieces.items():
         if before.get((y, x)) != piece:
             out.append(term.move_yx(y, x) + piece)
@@ -1544,8 +1537,7 @@ class SplitView:
         self.wants_sidebar: bool | None = None  # F2's choice; None: the sidebar shows on a wide terminal
         self.done = asyncio.Event()  # /quit, Ctrl-C or Ctrl-D
         self.hung_up = False  # the terminal has gone (its window closed): restoring it may fail too
-        # The terminal as the shell had it, for Ctrl-Z (where there is such a thing).
-        self.shell_modes = termios.tcgetattr(sys.stdin.fileno()) if CAN_SUSPEND else None
+        self.shell_modes = termios.tcgetattr(sys.stdin.fileno()) if CAN_SUSPEND else None  # back on Ctrl-Z
 
     # -- drawing --
     def show(self, lines: list[Line]) -> None:
@@ -1558,8 +1550,7 @@ class SplitView:
         frame = draw_screen(self.term, self.model, layout)
         current_room(self.model).scroll_rows = frame.scroll  # scrolling stops at the oldest line
         self.page_rows = max(layout.body, 1)
-        output = frame_output(self.term, self.shown, frame)
-        self.shown = frame
+        output, self.shown = frame_output(self.term, self.shown, frame), frame
         try:
             if output:
                 self.term.stream.write(output)
