@@ -6,26 +6,23 @@ Run it:
     python client.py carol --url ws://host:9000/ws  # another server
     printf '/join x\\nhello\\n' | python client.py dave   # plain line mode over pipes
 
-The split view is a small weechat: a header (current room, your name, server,
-connection state), the messages of the current room, a sidebar with your rooms
-(and their unread counts) and the room's users, and the input line at the bottom.
-Below 100 columns the sidebar folds away (F2 brings it back), so an 80x24 terminal
-keeps 55 columns for messages. Plain line mode (--plain, or whenever stdin or
-stdout is not a terminal) reads lines and prints one line per event. Closing the
-terminal window (SIGHUP) leaves as /quit does: a goodbye, so the name is free at once.
+The split view is a small weechat: a header (current room, your name, server, connection state), the
+messages of the current room, a sidebar with your rooms (and their unread counts) and the room's
+users, and the input line at the bottom. Below 100 columns the sidebar folds away (F2 brings it
+back), so an 80x24 terminal keeps 55 columns for messages. Plain line mode (--plain, or whenever
+stdin or stdout is not a terminal) reads lines and prints one line per event. Closing the terminal
+window (SIGHUP) leaves as /quit does: a goodbye, so the name is free at once.
 
 How it runs
 -----------
-There is one thread and one asyncio loop; Tornado's WebSocket client runs on it.
-Server events, keystrokes, timers and signals are callbacks on that loop, and each
-finishes before the next starts, so the model needs no locks. (Plain mode reads
-stdin in a helper thread that only schedules work onto the loop.) The model is
-what the screen shows: rooms with their scrollback and unread counts, users, the
-input line. Drawing is a function of the model, so a resize is just a redraw;
-events only change the model, and the split view draws at most 20 frames a
-second, writing only what changed, so a busy room cannot outrun the terminal.
-Every string from the server is cleaned of control characters before it is
-stored, so nothing the server sends can drive your terminal.
+There is one thread and one asyncio loop; Tornado's WebSocket client runs on it. Server events,
+keystrokes, timers and signals are callbacks on that loop, and each finishes before the next starts,
+so the model needs no locks. (Plain mode reads stdin in a helper thread that only schedules work
+onto the loop.) The model is what the screen shows: rooms with their scrollback and unread counts,
+users, the input line. Drawing is a function of the model, so a resize is just a redraw; events only
+change the model, and the split view draws at most 20 frames a second, writing only what changed, so
+a busy room cannot outrun the terminal. Every string from the server is cleaned of control
+characters before it is stored, so nothing the server sends can drive your terminal.
 
 Sections
 --------
@@ -45,8 +42,8 @@ from __future__ import annotations  # `str | None` in annotations on Python 3.9
 
 import sys
 
-# Checked before any import an older Python could trip over. (No `:=` in this file
-# either, so that Python 3.7 gets this far; 3.6 stops at the line above.)
+# Checked before any import an older Python could trip over. (No `:=` in this file either, so that
+# Python 3.7 gets this far; 3.6 stops at the line above.)
 if sys.version_info < (3, 9):
     sys.exit("client.py needs Python 3.9 or newer; this is Python %d.%d. "
              "Install a newer Python from python.org." % sys.version_info[:2])
@@ -207,8 +204,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
 
 
 # ---- 2. Safe text: cleaning, widths, wrapping, time ---------------------------
-# Pure helpers: no terminal, no network. Widths are in terminal columns, measured
-# with wcwidth, because a CJK character or an emoji takes two columns.
+# Pure helpers: no terminal, no network. Widths are in terminal columns, measured with wcwidth, because
+# a CJK character or an emoji takes two columns.
 
 # C0 and C1 controls, ESC and DEL could move the cursor, recolour or clear the screen; format
 # characters include the bidi overrides and isolates that make text read backwards and the zero-width
@@ -452,8 +449,8 @@ def name_list(names: list[str], total: int, most: int = 10) -> str:
 
 
 # ---- 4. Events: one handler per server event type -----------------------------
-# Each handler folds an event into the model and returns the lines it adds, which
-# plain mode prints. Every string from the server goes through clean() first.
+# Each handler folds an event into the model and returns the lines it adds, which plain mode prints.
+# Every string from the server goes through clean() first.
 
 
 def on_welcome(model: Model, event: dict) -> list[Line]:
@@ -1284,8 +1281,8 @@ async def finish_plain(connection: Connection, finished: asyncio.Event) -> int:
 # only the pieces that changed are written, at most FRAMES_PER_SECOND times a second (section 9),
 # so a busy room costs a few rows per frame, not a screen per message.
 
-# The sidebar shows by itself from WITH_SIDEBAR_COLUMNS on; a narrower terminal (80x24 is
-# common) gives all its width to the messages, and F2 brings a narrower sidebar back.
+# The sidebar shows by itself from WITH_SIDEBAR_COLUMNS on; a narrower terminal (80x24 is common) gives
+# all its width to the messages, and F2 brings a narrower sidebar back.
 SIDEBAR_COLUMNS = 22
 WITH_SIDEBAR_COLUMNS = 100
 NARROW_SIDEBAR_COLUMNS = 16  # the sidebar asked for (F2) on a narrower terminal ...
