@@ -145,11 +145,11 @@ class Screen:
     def _read(self) -> None:
         """Background thread: feed everything the client writes to the emulator (until hang_up)."""
         while not self.hanging_up.is_set():
-            if not select.select([self.proc.fd], [], [], POLL_SECONDS)[0]:
-                continue
             try:
+                if not select.select([self.proc.fd], [], [], POLL_SECONDS)[0]:
+                    continue
                 data = self.proc.read(65536)
-            except EOFError:
+            except (EOFError, OSError, ValueError):  # the client ended, or close() closed the terminal
                 return
             with self.lock:
                 self.raw += data
@@ -226,6 +226,8 @@ class Screen:
         """Stop the client if it still runs."""
         if self.proc.isalive():
             self.proc.terminate(force=True)
+        self.hanging_up.set()  # the reader stops before the terminal it reads is closed
+        self.reader.join(WAIT_SECONDS)
         self.proc.close(force=True)
 
 
