@@ -431,6 +431,11 @@ def note(model: Model, text: str, kind: str = "info") -> Line:
     return add_line(model, Line(kind, text, local_time()))
 
 
+def set_state(model: Model, state: str, detail: str = "") -> None:
+    """Change the connection state shown in the header."""
+    model.state, model.state_detail = state, detail
+
+
 def whole_number(value: object) -> int:
     """A count from the server, or 0 if it is not a whole number."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
@@ -468,7 +473,7 @@ def on_welcome(model: Model, event: dict) -> list[Line]:
     model.rate = Pacer.from_limits(limits)
     if not event.get("resumed"):
         model.last_seq = 0  # a new session: nothing of it seen yet
-    model.state, model.state_detail = "connected", ""
+    set_state(model, "connected")
     lines = [note(model, welcome_text(model, event))]
     lost = whole_number(event.get("lost"))
     if lost:
@@ -483,8 +488,10 @@ def welcome_text(model: Model, event: dict) -> str:
     if not event.get("resumed"):
         return f"Connected to {model.server} as {model.username}. Type /help for the commands."
     missed = whole_number(event.get("missed"))
-    follow = f" ({missed} missed message{' follows' if missed == 1 else 's follow'})" if missed else ""
-    return f"Reconnected: your session is back{follow}."
+    if not missed:
+        return "Reconnected: your session is back."
+    follow = "missed message follows" if missed == 1 else "missed messages follow"
+    return f"Reconnected: your session is back ({missed} {follow})."
 
 
 def on_message(model: Model, event: dict) -> list[Line]:
@@ -492,12 +499,17 @@ def on_message(model: Model, event: dict) -> list[Line]:
     line = Line("message", clean(event.get("text")), local_time(event.get("timestamp")),
                 clean(event.get("username")), clean(event.get("room")))
     seq = whole_number(event.get("seq"))
-    # A missed message is shown once, even if it had already arrived: by its seq, or the same line there.
-    if event.get("replayed") and (seq <= model.last_seq if seq else
-                                  line in ensure_room(model, line.room or model.room).lines):
-        return []
+    if event.get("replayed") and already_shown(model, line, seq):
+        return []  # a missed message is shown once, even if it had already arrived
     model.last_seq = max(model.last_seq, seq)
     return [add_line(model, line)]
+
+
+def already_shown(model: Model, line: Line, seq: int) -> bool:
+    """Whether a replayed message had arrived before: by its seq (without one: the same line is there)."""
+    if seq:
+        return seq <= model.last_seq
+    return line in ensure_room(model, line.room or model.room).lines
 
 
 def on_system(model: Model, event: dict) -> list[Line]:
@@ -522,12 +534,18 @@ def on_joined(model: Model, event: dict) -> list[Line]:
     set_users(room, event)
     room.unread = 0
     model.room = name
-    others = [user for user in room.users if user.lower() != model.username.lower()]
-    company = f" with {name_list(others, max(room.user_count - 1, len(others)))}" if others else ""
-    line = Line("info", f"Now in #{name}{company or ': nobody else is here yet'}.", local_time())
+    line = Line("info", f"Now in #{name}{company(model, room)}.", local_time())
     if is_new:
         add_line(model, line)  # switching back to a room adds nothing to its scrollback,
     return [line]  # but plain mode prints it either way
+
+
+def company(model: Model, room: Room) -> str:
+    """Who else is in a room, for a sentence: " with bob, carol", or that nobody is (chat.html's twin)."""
+    others = [name for name in room.users if name.lower() != model.username.lower()]
+    if not others:
+        return ": nobody else is here yet"
+    return f" with {name_list(others, max(room.user_count - 1, len(others)))}"
 
 
 def set_users(room: Room, event: dict) -> None:
@@ -913,8 +931,8 @@ class Connection:
         while not self.quitting:
             attempt += 1
             delay = self.delay_before(attempt) if delay is None else delay
-            self.model.state = "reconnecting" if delay else "connecting"
-            self.model.state_detail = f"in {delay:.0f} s, attempt {attempt}" if delay else ""
+            set_state(self.model, "reconnecting" if delay else "connecting",
+                      f"in {delay:.0f} s, attempt {attempt}" if delay else "")
             self.show([])
             await asyncio.sleep(delay)
             delay = None
@@ -1028,7 +1046,7 @@ class Connection:
     def give_up(self, close_code: int | None, text: str) -> bool:
         """The server ended the session on purpose: say why in one line, and stay offline (False)."""
         self.gave_up = True
-        self.model.state, self.model.state_detail = "offline", describe_close(close_code)
+        set_state(self.model, "offline", describe_close(close_code))
         if self.revivable and close_code != CLOSE_BAD_USERNAME:  # a refused name stays refused
             text += " Press Enter to reconnect, or /quit to leave."
         self.show([note(self.model, text, kind="error")])
@@ -1081,16 +1099,19 @@ class Connection:
             return
         written.add_done_callback(lambda future: future.cancelled() or future.exception())  # failed: the same
 
-    def pump(self, timer_fired: bool = False) -> None:
+    def pump(self) -> None:
         """Send queued lines, in order, as fast as the server's rate limit allows."""
-        if timer_fired:
-            self.pump_timer = None
         while self.logged_in and self.outbox and not self.pump_timer:
             delay = self.model.rate.wait(time.monotonic()) if self.model.rate else 0.0
-            if delay:  # a timer calls back to send the rest: never a sleep
-                self.pump_timer = asyncio.get_running_loop().call_later(delay, self.pump, True)
+            if delay:  # a timer callback sends the rest: never a sleep
+                self.pump_timer = asyncio.get_running_loop().call_later(delay, self.pump_later)
                 break
             self.write(self.outbox.pop(0))
+
+    def pump_later(self) -> None:
+        """Timer callback: the rate allows another line now."""
+        self.pump_timer = None
+        self.pump()
 
     async def close(self) -> None:
         """Leave with a normal close frame (the server frees the name at once), then stop."""
