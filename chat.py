@@ -1440,8 +1440,10 @@ def is_valid_close_payload(data: bytes) -> bool:
     """A close frame's body: empty, or a code a peer may send (RFC 6455 7.4) and a UTF-8 reason."""
     if not data:
         return True
+    if len(data) < 2:
+        return False
     code = int.from_bytes(data[:2], "big")
-    if len(data) < 2 or not (code in VALID_CLOSE_CODES or 3000 <= code <= 4999):
+    if not (code in VALID_CLOSE_CODES or 3000 <= code <= 4999):
         return False
     try:
         data[2:].decode("utf-8")
