@@ -253,6 +253,7 @@ class ScriptedServer:
         self.port, self.events = free_port(), events
         self.refusals, self.refusal_close = list(refusals), refusal_close
         self.logins: list[dict] = []  # each login's query: username, token ...
+        self.lines: list[str] = []  # every line the clients sent, in order
         self.started = threading.Event()
         self.thread = threading.Thread(target=asyncio.run, args=(self._serve(),), daemon=True)
         self.thread.start()
@@ -277,6 +278,7 @@ class ScriptedServer:
 
             def on_message(self, line: str) -> None:
                 """Echo the line, as chat.py would; answer /help."""
+                scripted.lines.append(line)
                 if line == "/help":
                     self.write_message(json.dumps(HELP_EVENT))
                     return

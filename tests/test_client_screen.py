@@ -532,6 +532,9 @@ def test_tab_completes_a_command_only_the_servers_help_lists(screens):
     server = ScriptedServer(CAROL_EVENTS)
     try:
         carol = screens("carol", server.port)
+        wait_for(lambda: "/help" in server.lines, what=lambda: f"the client's /help (lines: {server.lines})")
+        carol.type("ready\r")  # echoed after the help reply: once it shows, the client knows the commands
+        wait_for(lambda: carol.shows("carol │ ready"), what=carol.text)
         carol.type("/to" + TAB)
         wait_for(lambda: carol.input_line().startswith("#lobby › /topic "), what=lambda: carol.input_line())
         assert not carol.shows("set the room's topic") and not carol.shows("carol │ /help")
